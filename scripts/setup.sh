@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install srbatch with its test tools. Idempotent: a second run only checks.
+# torch is installed first and pinned (constraints.txt), so no other package can swap in a multi-GB build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "srbatch setup: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  echo "srbatch setup: installing torch==2.14.1 torchvision==0.29.1"
+  pip_install -c constraints.txt torch==2.14.1 torchvision==0.29.1
+fi
+echo "srbatch setup: installing srbatch and its dependencies"
+pip_install -c constraints.txt -e ".[test]"
+.venv/bin/python -c "import torch, torchvision, spandrel, ray, srbatch; print('srbatch setup: ok (torch', torch.__version__ + ', ray', ray.__version__ + ')')"

@@ -1,0 +1,222 @@
+"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from srbatch.errors import SrbatchError
+
+
+def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SrbatchError(f"--storage-option expects KEY=VALUE; got {p!r}")
+        k, v = p.split("=", 1)
+        if k == "endpoint_url":
+            out.setdefault("client_kwargs", {})["endpoint_url"] = v
+        else:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present) [auto]")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="compute dtype; half precision is used on CUDA only, with an fp32 retry on NaN/black output [float32]",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec storage option, repeatable (e.g. anon=true, endpoint_url=http://127.0.0.1:8333); "
+        "credentials are best left to the standard AWS_* environment variables",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from srbatch.models.registry import architectures, variants
+
+    archs = architectures()
+    var = variants()
+    rows = []
+    for name, arch in archs.items():
+        names = [v for v, (a, _) in var.items() if a == name and v != name]
+        rows.append(
+            {
+                "architecture": name,
+                "variants": names,
+                "needs_weights": arch.needs_weights,
+                "paper": arch.paper,
+            }
+        )
+    spandrel_names: list[str] = []
+    try:
+        from spandrel import MAIN_REGISTRY
+
+        spandrel_names = sorted({a.architecture.name for a in MAIN_REGISTRY.architectures()})
+    except Exception as e:  # spandrel missing or broken: still list native models
+        logging.getLogger("srbatch").warning("spandrel unavailable: %s", e)
+    if args.json:
+        print(json.dumps({"native": rows, "spandrel": spandrel_names}, indent=2))
+        return 0
+    print("Native architectures (load the authors' checkpoints; `--model <checkpoint path or URI>`):")
+    for r in rows:
+        extra = f" variants: {', '.join(r['variants'])}" if r["variants"] else ""
+        weights = "" if r["needs_weights"] else "  [no weights: use `--model " + r["architecture"] + "`]"
+        print(f"  {r['architecture']:<10} {r['paper']}{weights}{extra}")
+    if spandrel_names:
+        print(f"\nThrough spandrel (any checkpoint it detects): {', '.join(spandrel_names)}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from srbatch.evaluate import evaluate, write_parquet
+    from srbatch.models.loader import load_model
+
+    so = _storage_options(args.storage_option)
+    desc = load_model(args.model, scale=args.scale, sha256=args.sha256, storage_options=so)
+
+    def progress(row: Any) -> None:
+        if not args.json:
+            print(f"  {row.image}: PSNR_Y {row.psnr_y:.3f} dB, SSIM_Y {row.ssim_y:.4f} ({row.seconds:.2f} s)",
+                  file=sys.stderr)
+
+    res = evaluate(
+        desc,
+        scale=args.scale,
+        hr=args.hr,
+        lr=args.lr,
+        storage_options=so,
+        device=args.device,
+        dtype=args.dtype,
+        tile=args.tile,
+        crop_border=args.crop_border,
+        self_ensemble=args.self_ensemble,
+        precision=args.precision,
+        progress=progress,
+    )
+    if args.output:
+        path = write_parquet(res, args.output, so)
+        print(f"per-image rows written to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(res.summary(), default=lambda o: None if isinstance(o, float) and math.isinf(o) else o))
+    else:
+        print(res.table())
+    return 0
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from srbatch.local import upscale_files
+
+    def show(r: Any) -> None:
+        if r.status == "ok":
+            print(f"ok      {r.input_uri} -> {r.output_uri} {r.in_size} -> {r.out_size} ({r.seconds:.2f} s)")
+        else:
+            print(f"failed  {r.input_uri}: {r.error}")
+
+    results = upscale_files(
+        args.input,
+        args.output,
+        model=args.model,
+        scale=args.scale,
+        fmt=args.format,
+        quality=args.quality,
+        device=args.device,
+        dtype=args.dtype,
+        tile=args.tile,
+        storage_options=_storage_options(args.storage_option),
+        on_result=show,
+    )
+    failed = sum(r.status != "ok" for r in results)
+    print(f"{len(results) - failed} ok, {failed} failed; outputs under {args.output}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``srbatch`` command."""
+    parser = argparse.ArgumentParser(
+        prog="srbatch", description="Super-resolve, measure and compare image super-resolution models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the available architectures and model names")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="PSNR/SSIM of a model on an image set, in the paper convention",
+        description="Upscale LR images (given, or made from HR with MATLAB bicubic) and measure PSNR/SSIM against HR "
+        "on the Y channel of MATLAB rgb2ycbcr with `scale` border pixels shaved (the convention of published tables).",
+    )
+    p.add_argument("--model", required=True, help="model name (bicubic) or checkpoint path/URI (.safetensors/.pth)")
+    p.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 3, 4, ...)")
+    p.add_argument("--hr", required=True, help="HR images: folder, glob or URI (s3://bucket/set5/*_HR.png)")
+    p.add_argument(
+        "--lr",
+        help="LR images: folder, glob or URI; paired with HR by name once the tokens HR/LR are removed "
+        "(img_001_SRF_4_HR.png <-> img_001_SRF_4_LR.png). Default: made from HR with MATLAB bicubic",
+    )
+    p.add_argument("--output", help="write per-image rows as Parquet (a .parquet file or a folder/prefix)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (model, scale, n_images, psnr_y, ...)")
+    p.add_argument("--crop-border", type=int, help="pixels shaved from each border before measuring [scale]")
+    p.add_argument("--tile", type=int, default=0, help="tile size in input pixels; 0 = whole image [0]")
+    p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (as EDSR+)")
+    p.add_argument("--sha256", help="refuse the checkpoint unless its sha256 matches")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "uint8", "float"],
+        default="auto",
+        help="uint8: measure the 8-bit SR image, Y rounded as MATLAB does (benchmark tables); float: Y-channel models "
+        "measured on their float Y output, nothing rounded (Y-only PyTorch releases, e.g. VDSR); "
+        "auto: float for Y-channel models, uint8 otherwise [auto]",
+    )
+    _add_common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "upscale",
+        help="upscale images on this machine (no Ray)",
+        description="Upscale every image under INPUT into OUTPUT, keeping relative paths. "
+        "A broken image is reported and skipped; the exit code is 1 if any failed.",
+    )
+    p.add_argument("input", help="folder, glob or URI of input images")
+    p.add_argument("--output", "-o", required=True, help="output folder or URI prefix")
+    p.add_argument("--model", default="bicubic", help="model name or checkpoint path/URI [bicubic]")
+    p.add_argument("--scale", type=int, default=4, help="upscaling factor [4]")
+    p.add_argument("--format", default="PNG", help="output format: PNG, JPEG, WEBP, TIFF [PNG]")
+    p.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100 [95]")
+    p.add_argument("--tile", type=int, help="tile size in input pixels; default from the model, 0 = never tile")
+    _add_common(p)
+    p.set_defaults(func=_cmd_upscale)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``srbatch`` console script. Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except SrbatchError as e:
+        print(f"srbatch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The single-process inference engine: a :class:`ModelDescriptor` in, upscaled tensors, arrays and images out.
+
+:class:`Upscaler` owns the colour handling (RGB / Y / YCbCr / L models on grey, RGB and RGBA images), bicubic
+pre-upsampling, size-multiple padding, tiling with exact context (see :mod:`srbatch.inference.tiling`), out-of-memory
+splitting, half precision with an fp32 fallback, x8 self-ensemble and arbitrary output scales.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from srbatch.errors import ConfigError, InferenceError
+from srbatch.inference.tiling import TilingConfig, ceil_to, run_tiled
+from srbatch.io.images import DecodedImage
+from srbatch.metrics.color import rgb2ycbcr, ycbcr2rgb
+from srbatch.metrics.resize import imresize
+from srbatch.models.descriptor import ModelDescriptor
+
+__all__ = ["GREY_WEIGHTS", "Upscaler"]
+
+logger = logging.getLogger("srbatch.inference")
+
+GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights (as Pillow's ``convert("L")``) used to turn an RGB model's output back into grey.
+They sum to 1, so a neutral grey output (R = G = B) maps to exactly itself."""
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+_HALF = (torch.float16, torch.bfloat16)
+_BLACK = 1e-6
+
+
+class _TileOOM(Exception):
+    """Internal: a forward pass ran out of memory (wraps the original error)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, *_HALF):
+            raise ConfigError(f"dtype: expected float32, float16 or bfloat16; got {dtype}")
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"dtype: expected one of {', '.join(_DTYPE_NAMES)}; got {dtype!r}") from None
+
+
+def _round_half_up(v: float) -> int:
+    return int(math.floor(v + 0.5))
+
+
+class Upscaler:
+    """Run a super-resolution model on tensors, arrays or decoded images.
+
+    Args:
+        descriptor: the model (see :func:`srbatch.models.loader.build_model`).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"``, or a ``torch.device``.
+        dtype: compute dtype of the network: ``"float32"``, ``"float16"`` or ``"bfloat16"``. Half precision falls
+            back to float32 (with a warning) when the model does not list it in ``info.dtypes``, and float16 falls
+            back on CPU (slow and patchy there); bfloat16 is allowed on CPU. Accumulation is always float32.
+        tiling: how to tile (:class:`TilingConfig`); None uses its defaults.
+        self_ensemble: average the 8 flips/rotations of the input (EDSR+ style); 8x the compute.
+        outscale: final output scale; when the result differs from ``scale x`` input size, the model output is
+            resized with MATLAB bicubic ``imresize`` to ``round(H * outscale) x round(W * outscale)`` (half up).
+
+    With float32 the descriptor's module is moved to ``device`` in place; with half precision a converted copy is
+    used and the descriptor's module is left as it is (it is the source of the lazy fp32 fallback copy).
+
+    ``stats`` counts ``images`` (upscale_tensor items), ``tiles`` (windows run), ``batches`` (forward passes),
+    ``oom_splits`` and ``fp32_fallbacks`` (half-precision batches redone in float32).
+    """
+
+    def __init__(
+        self,
+        descriptor: ModelDescriptor,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "float32",
+        tiling: TilingConfig | None = None,
+        self_ensemble: bool = False,
+        outscale: float | None = None,
+    ) -> None:
+        if outscale is not None and not (isinstance(outscale, (int, float)) and outscale > 0):
+            raise ConfigError(f"outscale: expected a positive number or None; got {outscale!r}")
+        self.descriptor = descriptor
+        self.info = descriptor.info
+        self.tiling = tiling if tiling is not None else TilingConfig()
+        self.self_ensemble = bool(self_ensemble)
+        self.outscale = float(outscale) if outscale is not None else None
+        self._device = _resolve_device(device)
+        want = _resolve_dtype(dtype)
+        self._dtype = want
+        if want == torch.float16 and self._device.type == "cpu":
+            logger.warning("float16 is not used on CPU (slow, incomplete kernels); running float32 instead")
+            self._dtype = torch.float32
+        elif want in _HALF and want not in self.info.dtypes:
+            logger.warning("model %s does not support %s; running float32 instead", descriptor.name or "?", want)
+            self._dtype = torch.float32
+        if self._dtype == torch.float32:
+            self.module = descriptor.module.to(self._device, torch.float32).eval()
+        else:
+            self.module = copy.deepcopy(descriptor.module).to(self._device, self._dtype).eval()
+        self._module_fp32: torch.nn.Module | None = self.module if self._dtype == torch.float32 else None
+        self._tile_cap: int | None = None  # lowered after an out-of-memory split, kept for later images
+        self._batch_cap: int | None = None
+        self.stats: dict[str, int] = {"images": 0, "tiles": 0, "batches": 0, "oom_splits": 0, "fp32_fallbacks": 0}
+        logger.info(
+            "upscaler: model %s (%s, x%d, %s) on %s as %s%s",
+            descriptor.name or descriptor.architecture, descriptor.architecture, self.info.scale,
+            self.info.color_space, self._device, str(self._dtype).removeprefix("torch."),
+            ", self-ensemble x8" if self.self_ensemble else "",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        """The device the network runs on."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's compute dtype (after any fallback to float32)."""
+        return self._dtype
+
+    @property
+    def scale(self) -> float:
+        """Output size / input size: ``outscale`` when given, else the model's scale."""
+        return self.outscale if self.outscale is not None else float(self.info.scale)
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Upscale ``(N, C, H, W)`` (or ``(C, H, W)``) floats in ``[0, 1]`` in the model's own channel space.
+
+        ``C`` must equal the model's ``in_channels`` (no colour conversion happens here). Returns float32
+        ``(N, out_channels, H', W')`` on ``x``'s device, not clamped.
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim not in (3, 4):
+            raise ConfigError(
+                f"upscale_tensor expects a float tensor (N, C, H, W) or (C, H, W) in [0, 1]; got "
+                f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}"
+            )
+        squeeze = x.ndim == 3
+        if squeeze:
+            x = x[None]
+        if x.shape[1] != self.info.in_channels:
+            raise ConfigError(
+                f"upscale_tensor: model {self.descriptor.name or self.descriptor.architecture} takes "
+                f"{self.info.in_channels} channels ({self.info.color_space}); got {x.shape[1]}; "
+                "use upscale_array/upscale_image for colour conversion"
+            )
+        src_device = x.device
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        x = x.to(self._device, torch.float32)
+        if self.info.input_upsampled:
+            x = imresize(x, self.info.scale)
+        if self.self_ensemble:
+            total: torch.Tensor | None = None
+            for k in range(4):  # x8 geometric self-ensemble: 4 rotations x (no flip, horizontal flip)
+                for flip in (False, True):
+                    t = torch.rot90(x, k, dims=(-2, -1))
+                    y = self._run(t.flip(-1) if flip else t)
+                    y = torch.rot90(y.flip(-1) if flip else y, -k, dims=(-2, -1))
+                    total = y if total is None else total + y
+            assert total is not None
+            out = total / 8
+        else:
+            out = self._run(x)
+        if self.outscale is not None:
+            target = (max(_round_half_up(h * self.outscale), 1), max(_round_half_up(w * self.outscale), 1))
+            if tuple(out.shape[-2:]) != target:
+                out = imresize(out, output_shape=target)
+        self.stats["images"] += int(x.shape[0])
+        out = out.to(src_device)
+        return out[0] if squeeze else out
+
+    @torch.no_grad()
+    def upscale_array(self, arr: np.ndarray) -> np.ndarray:
+        """Upscale an image array ``(H, W, C)`` (or ``(H, W)``), uint8 / uint16 / float in ``[0, 1]``.
+
+        ``C`` is 1 (grey), 3 (RGB), 2 or 4 (last channel alpha, resized with MATLAB bicubic). Colour is converted to
+        and from the model's colour space (see the class docs). Returns float32 ``(H', W', C)`` (``(H', W')`` for 2-D
+        input) clamped to ``[0, 1]``.
+        """
+        if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3):
+            raise ConfigError(f"upscale_array expects an (H, W, C) or (H, W) array; got {getattr(arr, 'shape', arr)}")
+        flat = arr.ndim == 2
+        a = _to_unit_float(arr[..., None] if flat else arr)
+        c = a.shape[2]
+        if c not in (1, 2, 3, 4):
+            raise ConfigError(f"upscale_array expects 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA) channels; got {c}")
+        colour, alpha = (a[..., : c - 1], a[..., c - 1]) if c in (2, 4) else (a, None)
+        x = torch.from_numpy(np.ascontiguousarray(colour)).permute(2, 0, 1)[None].to(self._device)
+        y = self._upscale_colour(x).clamp_(0, 1)[0]
+        planes = [y]
+        if alpha is not None:
+            planes.append(self._resize_plane(alpha, (int(y.shape[-2]), int(y.shape[-1])))[None])
+        out = torch.cat(planes, 0).permute(1, 2, 0).to("cpu", torch.float32).numpy()
+        return out[..., 0] if flat else out
+
+    def upscale_image(self, img: DecodedImage) -> DecodedImage:
+        """Upscale a decoded image; pixels and alpha keep their dtype (8 or 16 bit) and channel count.
+
+        Values are clamped and rounded like MATLAB (``floor(x * max + 0.5)``). Alpha is resized with MATLAB bicubic
+        ``imresize``, never through the network. Other fields (mode, format, ICC profile, info) are carried over.
+        """
+        pix = img.pixels
+        if pix.dtype not in (np.uint8, np.uint16) or pix.ndim != 3 or pix.shape[2] not in (1, 3):
+            raise ConfigError(
+                f"upscale_image expects pixels (H, W, 1|3) of uint8 or uint16; got {pix.dtype} {pix.shape}"
+            )
+        out = self.upscale_array(pix)
+        alpha = None
+        if img.alpha is not None:
+            if img.alpha.shape != pix.shape[:2]:
+                raise ConfigError(f"alpha shape {img.alpha.shape} does not match pixels {pix.shape[:2]}")
+            with torch.no_grad():
+                a = self._resize_plane(_to_unit_float(img.alpha), out.shape[:2]).cpu().numpy()
+            alpha = _quantize(a, img.alpha.dtype)
+        return dataclasses.replace(img, pixels=_quantize(out, pix.dtype), alpha=alpha, info=dict(img.info))
+
+    # ------------------------------------------------------------------ colour handling
+
+    def _upscale_colour(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 1|3, H, W) grey or RGB in [0, 1] -> same channels upscaled, via the model's colour space."""
+        cs, c = self.info.color_space, int(x.shape[1])
+        expected = 3 if cs in ("RGB", "YCbCr") else 1
+        if self.info.in_channels != expected or self.info.out_channels != expected:
+            raise InferenceError(
+                f"a {cs} model should take and return {expected} channels; this one has in={self.info.in_channels},"
+                f" out={self.info.out_channels}; use upscale_tensor for models outside the RGB/Y/YCbCr/L conventions"
+            )
+        if cs == "L":
+            if c == 1:
+                return self.upscale_tensor(x)
+            return self.upscale_tensor(x.transpose(0, 1)).transpose(0, 1)  # each channel as a grey image
+        if cs == "Y":
+            if c == 1:
+                return self.upscale_tensor(x)
+            ycc = rgb2ycbcr(x)
+            y = self.upscale_tensor(ycc[:, :1])
+            cbcr = imresize(ycc[:, 1:], output_shape=(int(y.shape[-2]), int(y.shape[-1])))
+            return ycbcr2rgb(torch.cat([y, cbcr.to(y.dtype)], 1))
+        rgb = x if c == 3 else x.expand(-1, 3, -1, -1)
+        if cs == "RGB":
+            out = self.upscale_tensor(rgb)
+        else:  # YCbCr
+            out = ycbcr2rgb(self.upscale_tensor(rgb2ycbcr(rgb)))
+        return out if c == 3 else _to_grey(out)
+
+    def _resize_plane(self, plane: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32)).to(self._device)
+        return imresize(t, output_shape=size).clamp_(0, 1)
+
+    # ------------------------------------------------------------------ tiling
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-input tensor (N, C, H, W) float32 on device -> model output, with padding, tiling and OOM splits."""
+        m = max(int(self.info.size_multiple), 1)
+        s = 1 if self.info.input_upsampled else int(self.info.scale)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        ph, pw = ceil_to(h, m) - h, ceil_to(w, m) - w
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        cfg = self.tiling
+        hp, wp = int(x.shape[-2]), int(x.shape[-1])
+        half_blend = math.ceil(cfg.blend / 2)
+        margin = (cfg.overlap if cfg.overlap is not None else int(self.info.receptive_halo)) + half_blend
+        if cfg.tile == 0:
+            tile = None
+        else:
+            tile = cfg.tile if cfg.tile is not None else self.info.tile_hint
+            tile = max(hp, wp) if tile is None else tile
+            if self._tile_cap is not None:
+                tile = min(tile, self._tile_cap)
+        batch = min(cfg.batch_size, self._batch_cap or cfg.batch_size)
+        while True:
+            try:
+                out = run_tiled(
+                    x, lambda t: self._forward_checked(t, s), tile=tile, margin=margin, half_blend=half_blend,
+                    multiple=m, scale=s, batch=batch, out_channels=int(self.info.out_channels),
+                )
+                break
+            except _TileOOM as e:
+                self._empty_cache()
+                new_batch = max(1, batch // 2)
+                new_tile = None if tile is None else ceil_to(min(tile, max(hp, wp)) // 2, m)
+                too_small = tile is None or new_tile is None or new_tile < max(cfg.min_tile, m)
+                if too_small and new_batch == batch:
+                    what = "with tiling disabled (tile=0)" if tile is None else f"at the minimum tile of {tile} px"
+                    raise InferenceError(
+                        f"out of memory on a {hp}x{wp} model input {what}, batch {batch}, {self._dtype} on "
+                        f"{self._device}; use a smaller tile (TilingConfig(tile=..., min_tile=...)), half precision "
+                        "or a device with more memory"
+                    ) from e.original
+                if not too_small:
+                    tile = new_tile
+                batch = new_batch
+                self._tile_cap, self._batch_cap = tile, batch
+                self.stats["oom_splits"] += 1
+                logger.warning("out of memory; retrying with tile=%s batch=%d (%s)", tile, batch, e)
+        return out[..., : h * s, : w * s]
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, x: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
+        """One forward pass of the network on a batch already on the device (``x`` in the compute dtype).
+
+        ``fp32=True`` uses the float32 copy of the network. Tests override this to simulate failures.
+        """
+        module = self._fp32_module() if fp32 else self.module
+        with torch.inference_mode():
+            return module(x)
+
+    def _fp32_module(self) -> torch.nn.Module:
+        if self._module_fp32 is None:
+            logger.info("making a float32 copy of the network for half-precision fallbacks")
+            self._module_fp32 = copy.deepcopy(self.descriptor.module).to(self._device, torch.float32).eval()
+        return self._module_fp32
+
+    def _forward_checked(self, inp: torch.Tensor, s: int) -> torch.Tensor:
+        """Forward a batch in the compute dtype; redo it in float32 when half precision broke; float32 result."""
+        try:
+            out = self._forward(inp.to(self._dtype))
+            if self._dtype != torch.float32 and bool(half_precision_failed(inp, out).any()):
+                self.stats["fp32_fallbacks"] += 1
+                logger.warning("%s output was non-finite or black; redoing the batch in float32", self._dtype)
+                out = self._forward(inp.to(torch.float32), fp32=True)
+        except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+            if _is_oom(e):
+                raise _TileOOM(e) from e
+            raise
+        expected = (inp.shape[0], self.info.out_channels, inp.shape[-2] * s, inp.shape[-1] * s)
+        if tuple(out.shape) != tuple(expected):
+            raise InferenceError(
+                f"model {self.descriptor.name or self.descriptor.architecture} returned shape {tuple(out.shape)} for "
+                f"input {tuple(inp.shape)}; expected {tuple(expected)} from its descriptor (scale {s}, "
+                f"{self.info.out_channels} channels)"
+            )
+        self.stats["tiles"] += int(inp.shape[0])
+        self.stats["batches"] += 1
+        out = out.float()
+        if not bool(torch.isfinite(out).all()):
+            raise InferenceError(
+                f"model {self.descriptor.name or self.descriptor.architecture} produced NaN/inf in float32 on a "
+                f"{tuple(inp.shape)} input; the weights may be corrupt or the input out of range"
+            )
+        return out
+
+    def _empty_cache(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def half_precision_failed(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per-item bool: the output has NaN/inf, or is all black (max < 1e-6) while the input is not."""
+    n = out.shape[0]
+    o = out.detach().reshape(n, -1).float()
+    i = inp.detach().reshape(inp.shape[0], -1).float()
+    nonfinite = ~torch.isfinite(o).all(dim=1)
+    black = (o.amax(dim=1) < _BLACK) & (i.amax(dim=1) >= _BLACK)
+    return nonfinite | black
+
+
+def _to_unit_float(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if a.dtype in (np.float32, np.float64, np.float16):
+        return a.astype(np.float32, copy=False)
+    raise ConfigError(f"expected uint8, uint16 or float pixels in [0, 1]; got {a.dtype}")
+
+
+def _quantize(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """MATLAB-style conversion of [0, 1] floats to an integer type: clamp, then ``floor(x * max + 0.5)``."""
+    maxv = float(np.iinfo(dtype).max)
+    return np.floor(np.clip(a.astype(np.float64), 0.0, 1.0) * maxv + 0.5).astype(dtype)
+
+
+def _to_grey(rgb: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(GREY_WEIGHTS, dtype=rgb.dtype, device=rgb.device)
+    return torch.einsum("c,nchw->nhw", w, rgb)[:, None]

@@ -1,0 +1,109 @@
+"""Object storage through fsspec: listing with globs, reading and writing bytes. Local paths, s3://, memory://..."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from srbatch.errors import StorageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".jfif"}
+)
+
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "read_bytes", "write_bytes", "join_uri", "filesystem"]
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    try:
+        return url_to_fs(uri, **dict(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open {uri!r}: {e}; install the fsspec backend for its protocol") from e
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> str:
+    """Turn a filesystem path back into a URI of the same protocol as ``uri``."""
+    if "://" in uri:
+        proto = uri.split("://", 1)[0]
+        return f"{proto}://{path.lstrip('/') if proto not in ('file', 'local') else path}"
+    return path
+
+
+def _is_image(path: str, extensions: frozenset[str]) -> bool:
+    return posixpath.splitext(path)[1].lower() in extensions
+
+
+def list_images(
+    spec: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    extensions: frozenset[str] = IMAGE_EXTENSIONS,
+) -> list[str]:
+    """Sorted URIs of the image files named by ``spec``: a file, a folder/prefix (recursive), or a glob.
+
+    Globs follow fsspec (``**`` crosses folders). Hidden files and folders (``.`` prefix) and ``_manifest`` are skipped
+    when listing a folder. An empty result is an error that names the spec.
+    """
+    fs, path = filesystem(spec, storage_options)
+    try:
+        if any(ch in path for ch in "*?["):
+            found = [p for p in fs.glob(path) if not fs.isdir(p)]
+        elif fs.isfile(path):
+            found = [path]
+        elif fs.isdir(path):
+            found = [p for p in fs.find(path) if _is_image(p, extensions)]
+            base = path.rstrip("/")
+            found = [
+                p
+                for p in found
+                if not any(part.startswith(".") or part == "_manifest" for part in p[len(base) :].split("/"))
+            ]
+        else:
+            raise StorageError(f"{spec!r} does not exist (no file, folder/prefix or glob match); check the path")
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"could not list {spec!r}: {type(e).__name__}: {e}") from e
+    out = sorted(_unstrip(fs, spec, p) for p in found)
+    if not out:
+        raise StorageError(f"no images found under {spec!r} (extensions: {', '.join(sorted(extensions))})")
+    return out
+
+
+def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """All bytes of ``uri``; :class:`StorageError` naming it on failure."""
+    try:
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+    except Exception as e:
+        raise StorageError(f"could not read {uri}: {type(e).__name__}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to ``uri``, creating parent folders for local paths."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        parent = posixpath.dirname(path)
+        if parent and not fs.exists(parent):
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"could not write {uri}: {type(e).__name__}: {e}") from e
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base`` joined with ``parts`` by ``/`` (no normalisation of ``..``: callers validate relative keys)."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.lstrip('/')}"
+    return out

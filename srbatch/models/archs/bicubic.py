@@ -1,0 +1,83 @@
+"""Bicubic upscaling as a model: MATLAB-exact ``imresize`` wrapped in a parameter-free ``nn.Module``.
+
+It is the baseline of every SR table (bicubic a = -0.5, symmetric padding; see :mod:`srbatch.metrics.resize`), and
+being model-shaped lets the engine, the tiler and the metrics treat it like any network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from srbatch.errors import ConfigError
+from srbatch.metrics.resize import imresize
+from srbatch.models.descriptor import ArchInfo
+from srbatch.models.registry import Architecture, Detection, StateDict
+
+__all__ = ["ARCH", "Bicubic", "build", "detect", "info"]
+
+
+class Bicubic(nn.Module):
+    """Upscale ``(N, C, H, W)`` by an integer ``scale`` with MATLAB ``imresize`` (computed in float64).
+
+    The output has the input's dtype and is not clamped (bicubic overshoots slightly near edges).
+    """
+
+    def __init__(self, scale: int, channels: int = 3) -> None:
+        super().__init__()
+        self.scale = scale
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``imresize(x, scale)`` cast back to ``x.dtype``."""
+        return imresize(x, self.scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, channels={self.channels}"
+
+
+def build(*, scale: int, channels: int = 3) -> Bicubic:
+    """A :class:`Bicubic` upscaler; ``scale`` is a positive integer, ``channels`` 1 (grey) or 3 (RGB)."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ConfigError(f"bicubic: `scale` must be an integer >= 1; got {scale!r}")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ConfigError(f"bicubic: `channels` must be a positive integer; got {channels!r}")
+    return Bicubic(scale=scale, channels=channels)
+
+
+def info(hparams: Mapping[str, Any]) -> ArchInfo:
+    """Static facts: RGB (or single-channel ``L``) in and out, no upsampled input, a 4-pixel halo for tiling."""
+    scale = hparams.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ConfigError(f"bicubic: `scale` must be an integer >= 1; got {scale!r}")
+    channels = int(hparams.get("channels", 3))
+    return ArchInfo(
+        scale=scale,
+        in_channels=channels,
+        out_channels=channels,
+        color_space="RGB" if channels == 3 else "L",
+        input_upsampled=False,
+        size_multiple=1,
+        receptive_halo=4,
+        tile_hint=None,
+    )
+
+
+def detect(state_dict: StateDict) -> Detection | None:
+    """Always None: bicubic has no weights, so no checkpoint is ever recognised as bicubic."""
+    del state_dict
+    return None
+
+
+ARCH = Architecture(
+    name="bicubic",
+    build=build,
+    info=info,
+    detect=detect,
+    variants={},
+    needs_weights=False,
+    paper="R. Keys, Cubic convolution interpolation for digital image processing, IEEE TASSP 29(6), 1981",
+)
