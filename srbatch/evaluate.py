@@ -40,7 +40,7 @@ the float Y of HR, nothing rounded (the pipeline of the Y-only PyTorch releases 
 def pair_key(uri: str) -> str:
     """The name an image is paired by: its file stem with the tokens ``HR`` / ``LR`` removed."""
     stem = posixpath.splitext(posixpath.basename(uri))[0]
-    return _TOKEN.sub("", stem)
+    return _TOKEN.sub("", stem).strip("_-. ") or stem
 
 
 def _has_token(uri: str, token: str) -> bool:

@@ -495,3 +495,23 @@ def test_config_validation() -> None:
         _cpu(desc).upscale_tensor(torch.rand(1, 1, 8, 8))
     with pytest.raises(ConfigError):
         _cpu(desc).upscale_array(np.zeros((4, 4, 3), np.int32))
+
+
+@pytest.mark.refs
+def test_real_imdn_is_not_tiled_by_default(refs) -> None:
+    """IMDN's channel attention pools over the whole image, so its receptive field is the image: by default the
+    engine runs it untiled (exact); forced small tiles differ, and we print by how much."""
+    import numpy as np
+    from PIL import Image
+
+    from srbatch import load_model
+
+    desc = load_model(str(refs / "weights/imdn_official/IMDN_x4.pth"))
+    assert desc.info.tile_hint is None
+    lr = np.array(Image.open(refs / "sets/Set5/image_SRF_4/img_001_SRF_4_LR.png"))
+    x = torch.from_numpy(lr.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    untiled = Upscaler(desc, tiling=TilingConfig(tile=0)).upscale_tensor(x)
+    default = Upscaler(desc)
+    assert torch.equal(default.upscale_tensor(x), untiled) and default.stats["tiles"] <= 1
+    forced = Upscaler(desc, tiling=TilingConfig(tile=48)).upscale_tensor(x)
+    print(f"real IMDN x4, forced tile 48: max abs diff {float((forced - untiled).abs().max()):.2e}")

@@ -1,0 +1,53 @@
+"""The user's commands: `python jobs/upscale.py` (embedded default) and `srbatch upscale` with broken inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SRBATCH = str(Path(sys.executable).parent / "srbatch")
+
+
+def test_embedded_default_job(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/upscale.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "srbatch-output" / "upscale"
+    assert str(out) in proc.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
+    for name, src in [("chelsea.png", "chelsea.png"), ("camera.png", "camera.png")]:
+        a = Image.open(ROOT / "srbatch/data/samples" / src)
+        b = Image.open(out / name)
+        assert b.size == (a.size[0] * 4, a.size[1] * 4) and b.mode == a.mode  # grey stays grey
+
+
+def test_broken_inputs_fail_alone(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = np.arange(12, dtype=np.uint8)[None, :] * 20
+    Image.fromarray(rgba, "RGBA").save(src / "sub" / "alpha.png")
+    Image.fromarray(np.full((9, 7), 100, np.uint16)).save(src / "grey16.png")
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.png").write_text("this is not an image")
+    good = src / "good.jpg"
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(good)
+    (src / "truncated.jpg").write_bytes(good.read_bytes()[:60])
+    proc = subprocess.run([SRBATCH, "upscale", str(src), "-o", str(tmp_path / "out"), "--scale", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 ok, 3 failed" in proc.stdout
+    for name in ("empty.png", "notes.png", "truncated.jpg"):
+        line = next(l for l in proc.stdout.splitlines() if name in l)
+        assert line.startswith("failed") and "ImageDecodeError" in line
+    alpha = Image.open(tmp_path / "out/sub/alpha.png")
+    assert alpha.mode == "RGBA" and alpha.size == (24, 20)
+    g16 = np.array(Image.open(tmp_path / "out/grey16.png"))
+    assert g16.shape == (18, 14) and g16.dtype in (np.uint16, np.int32) and int(g16.max()) == 100
