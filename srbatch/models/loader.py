@@ -125,41 +125,27 @@ def load_model(
         )
     ckpt = load_checkpoint(model, sha256=sha256, storage_options=storage_options)
     display = model.rstrip("/").rsplit("/", 1)[-1]
-    if ckpt.architecture:
-        arch_name = ckpt.architecture
+
+    def build_loaded(arch_name: str, hparams: dict[str, Any], sd: Mapping[str, torch.Tensor], name: str):
         arch = get_architecture(arch_name)
-        hp = _substitute_scale(ckpt.hparams or {}, scale, model)
+        hp = _substitute_scale(hparams, scale, model)
         module = arch.build(**hp)
-        _load_strict(module, ckpt.state_dict, arch_name, model)
+        _load_strict(module, sd, arch_name, model)
         module.eval()
         return ModelDescriptor(
-            module=module,
-            architecture=arch_name,
-            info=arch.info(hp),
-            hparams=hp,
-            name=ckpt.metadata.get(META_NAME) or display,
-            source=model,
+            module=module, architecture=arch_name, info=arch.info(hp), hparams=hp, name=name, source=model,
             sha256=ckpt.sha256,
         )
+
+    if ckpt.architecture:
+        name = ckpt.metadata.get(META_NAME) or display
+        return build_loaded(ckpt.architecture, ckpt.hparams or {}, ckpt.state_dict, name)
     found = detect_architecture(ckpt.state_dict)
     if len(found) > 1:
         log.warning("%s matches several architectures %s; using %s", model, [f[0] for f in found], found[0][0])
     if found:
         arch_name, det = found[0]
-        arch = get_architecture(arch_name)
-        hp = _substitute_scale(det.hparams, scale, model)
-        module = arch.build(**hp)
-        _load_strict(module, det.state_dict, arch_name, model)
-        module.eval()
-        return ModelDescriptor(
-            module=module,
-            architecture=arch_name,
-            info=arch.info(hp),
-            hparams=hp,
-            name=display,
-            source=model,
-            sha256=ckpt.sha256,
-        )
+        return build_loaded(arch_name, det.hparams, det.state_dict, display)
     desc = spandrel_descriptor(ckpt.state_dict, name=display, source=model, sha256=ckpt.sha256)
     if desc is not None:
         if scale is not None and int(scale) != desc.scale:
