@@ -196,7 +196,6 @@ def evaluate(
                     f"{lr_img.width}x{lr_img.height}: at x{scale} the HR should be {w}x{h}; check --scale and the pairing"
                 )
             hr_px = _modcrop(hr_img.pixels, h, w)
-            lr_img.alpha = None
         if lr_img.channels != hr_px.shape[2]:
             raise ConfigError(f"{key}: LR has {lr_img.channels} channels but HR has {hr_px.shape[2]}")
         lr_img.alpha = None
