@@ -1,8 +1,8 @@
-"""Upscale a dataset. With no arguments: the bundled sample images, the bundled default model, written to
-./srbatch-output/upscale (printed at the end).
+"""Upscale a whole image dataset on a Ray cluster (see ``--help``).
 
-Today this runs on this machine through the tiled engine (``srbatch upscale``); the distributed Ray version with
-object storage, manifest and resume is the next step (see README, "Roadmap").
+    ray job submit --working-dir . -- python jobs/upscale.py --input 's3://photos/raw/**/*.jpg' \\
+        --output s3://photos/x4/ --model <name|uri> [--config job.yaml]
+    python jobs/upscale.py        # no arguments: the bundled samples, bicubic x4, local Ray, CPU if no GPU
 """
 
 from __future__ import annotations
@@ -10,20 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from srbatch.cli import main
-from srbatch.local import sample_images_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit --working-dir .`
 
-DEFAULT_OUTPUT = str(Path.cwd() / "srbatch-output" / "upscale")
-
-
-def run(argv: list[str]) -> int:
-    """Run the job; with no arguments, the embedded default (bicubic x4 over the bundled samples)."""
-    if not argv:
-        print(f"srbatch: no arguments: upscaling the bundled samples in {sample_images_dir()} "
-              f"with bicubic x4 into {DEFAULT_OUTPUT}")
-        argv = [sample_images_dir(), "--output", DEFAULT_OUTPUT, "--model", "bicubic", "--scale", "4"]
-    return main(["upscale", *argv])
-
+from srbatch.job import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], prog="jobs/upscale.py"))

@@ -1,4 +1,4 @@
-"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale``."""
+"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.job`)."""
 
 from __future__ import annotations
 
@@ -116,33 +116,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_upscale(args: argparse.Namespace) -> int:
-    from srbatch.local import upscale_files
-
-    def show(r: Any) -> None:
-        if r.status == "ok":
-            print(f"ok      {r.input_uri} -> {r.output_uri} {r.in_size} -> {r.out_size} ({r.seconds:.2f} s)")
-        else:
-            print(f"failed  {r.input_uri}: {r.error}")
-
-    results = upscale_files(
-        args.input,
-        args.output,
-        model=args.model,
-        scale=args.scale,
-        fmt=args.format,
-        quality=args.quality,
-        device=args.device,
-        dtype=args.dtype,
-        tile=args.tile,
-        storage_options=_storage_options(args.storage_option),
-        on_result=show,
-    )
-    failed = sum(r.status != "ok" for r in results)
-    print(f"{len(results) - failed} ok, {failed} failed; outputs under {args.output}")
-    return 1 if failed else 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``srbatch`` command."""
     parser = argparse.ArgumentParser(
@@ -185,26 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser(
+    sub.add_parser(
         "upscale",
-        help="upscale images on this machine (no Ray)",
-        description="Upscale every image under INPUT into OUTPUT, keeping relative paths. "
-        "A broken image is reported and skipped; the exit code is 1 if any failed.",
+        help="the upscale job on Ray: images from object storage, upscaled outputs, Parquet manifest "
+        "(see `srbatch upscale --help`)",
+        add_help=False,
     )
-    p.add_argument("input", help="folder, glob or URI of input images")
-    p.add_argument("--output", "-o", required=True, help="output folder or URI prefix")
-    p.add_argument("--model", default="bicubic", help="model name or checkpoint path/URI [bicubic]")
-    p.add_argument("--scale", type=int, default=4, help="upscaling factor [4]")
-    p.add_argument("--format", default="PNG", help="output format: PNG, JPEG, WEBP, TIFF [PNG]")
-    p.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100 [95]")
-    p.add_argument("--tile", type=int, help="tile size in input pixels; default from the model, 0 = never tile")
-    _add_common(p)
-    p.set_defaults(func=_cmd_upscale)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``srbatch`` console script. Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "upscale":  # the job has its own parser (one flag per config field)
+        from srbatch.job import main as job_main
+
+        return job_main(argv[1:], prog="srbatch upscale")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

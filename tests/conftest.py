@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Read by Ray at import: every Ray port of the test session's clusters binds to 127.0.0.1 (../shared/ENVIRONMENT.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REFS = Path(os.environ.get("SRBATCH_REFS", ROOT.parent / "shared" / "refs"))
@@ -36,7 +39,11 @@ def s3_server():
 
     Yields the endpoint URL. Nothing listens beyond loopback; the metadata service is disabled.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -74,3 +81,16 @@ def s3_bucket(s3_server, request):
     fs.mkdir(name)
     fs.invalidate_cache()
     yield name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session (2 CPUs, loopback only), started after the S3 server so that its workers
+    inherit the AWS_* variables pointing at it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -51,6 +51,7 @@ def list_images(
     """
     fs, path = filesystem(spec, storage_options)
     try:
+        fs.invalidate_cache()  # fsspec instances are shared: never list from a stale cache
         if any(ch in path for ch in "*?["):
             found = [p for p in fs.glob(path) if not fs.isdir(p)]
         elif fs.isfile(path):

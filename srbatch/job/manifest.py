@@ -1,0 +1,200 @@
+"""The job's Parquet manifest: one row per input per run under ``<output>/_manifest/run=<run id>/part-*.parquet``.
+
+Parts are written whole (one PUT on object storage, temp-file + rename locally), every few seconds while the job runs,
+so a killed driver loses at most the rows of its last interval and never leaves a half-written part. The layout is
+Hive-partitioned by run (``run=<run id>``, a key distinct from the ``run_id`` column, which every part also holds), so pandas, polars, duckdb and pyarrow read the folder as one table.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from srbatch.errors import StorageError
+from srbatch.io.storage import filesystem, join_uri
+
+log = logging.getLogger("srbatch.job")
+
+MANIFEST_DIR = "_manifest"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("input_uri", pa.string(), nullable=False),
+        pa.field("output_uri", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("input_width", pa.int32()),
+        pa.field("input_height", pa.int32()),
+        pa.field("input_mode", pa.string()),
+        pa.field("input_bytes", pa.int64()),
+        pa.field("output_width", pa.int32()),
+        pa.field("output_height", pa.int32()),
+        pa.field("output_mode", pa.string()),
+        pa.field("output_bytes", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("architecture", pa.string()),
+        pa.field("model_sha256", pa.string()),
+        pa.field("scale", pa.float64()),
+        pa.field("dtype", pa.string()),
+        pa.field("device", pa.string()),
+        pa.field("gpu_ids", pa.string()),
+        pa.field("actor_id", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("read_s", pa.float64()),
+        pa.field("decode_s", pa.float64()),
+        pa.field("infer_s", pa.float64()),
+        pa.field("encode_s", pa.float64()),
+        pa.field("write_s", pa.float64()),
+        pa.field("total_s", pa.float64()),
+        pa.field("psnr_y", pa.float64()),
+        pa.field("ssim_y", pa.float64()),
+        pa.field("psnr_rgb", pa.float64()),
+        pa.field("ssim_rgb", pa.float64()),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+"""Column types of the manifest. See README, "The manifest", for the meaning of each column."""
+
+STATUSES = ("ok", "failed", "skipped")
+
+
+def empty_row(**values: Any) -> dict[str, Any]:
+    """A manifest row with every column present (None where not given) and ``finished_at`` = now."""
+    row: dict[str, Any] = {f.name: None for f in SCHEMA}
+    row["finished_at"] = datetime.now(timezone.utc)
+    row.update(values)
+    return row
+
+
+def to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows (dicts) as a table of exactly :data:`SCHEMA`."""
+    rows = list(rows)
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA)
+
+
+def manifest_uri(output: str) -> str:
+    """``<output>/_manifest``."""
+    return join_uri(output, MANIFEST_DIR)
+
+
+def run_uri(output: str, run_id: str) -> str:
+    """The folder holding one run's parts."""
+    return join_uri(output, MANIFEST_DIR, f"run={run_id}")
+
+
+def _put_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file."""
+    parent = posixpath.dirname(path)
+    if _is_local(fs):
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".srbatch-tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:  # object stores: one PUT; the object appears only when complete
+        fs.pipe_file(path, data)
+
+
+def _is_local(fs: Any) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+class ManifestWriter:
+    """Buffers rows and writes them as numbered Parquet parts of one run. Call :meth:`add` and :meth:`close`."""
+
+    def __init__(
+        self,
+        output: str,
+        run_id: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        flush_seconds: float = 30.0,
+        flush_rows: int = 5000,
+    ) -> None:
+        self.uri = run_uri(output, run_id)
+        self.fs, self.path = filesystem(self.uri, storage_options)
+        self.flush_seconds = flush_seconds
+        self.flush_rows = flush_rows
+        self._rows: list[dict[str, Any]] = []
+        self._last = time.monotonic()
+        self._token = uuid.uuid4().hex[:8]
+        self._seq = 0
+        self.parts: list[str] = []
+        self.rows_written = 0
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Queue one row; writes a part when enough rows or time have gathered."""
+        self._rows.append(dict(row))
+        if len(self._rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued rows as one part (nothing when the queue is empty)."""
+        self._last = time.monotonic()
+        if not self._rows:
+            return
+        buf = io.BytesIO()
+        pq.write_table(to_table(self._rows), buf, compression="zstd")
+        name = f"part-{self._seq:05d}-{self._token}.parquet"
+        path = posixpath.join(self.path, name)
+        try:
+            _put_atomic(self.fs, path, buf.getvalue())
+        except Exception as e:
+            raise StorageError(f"could not write manifest part {join_uri(self.uri, name)}: {type(e).__name__}: {e}") from e
+        self._seq += 1
+        self.rows_written += len(self._rows)
+        self.parts.append(join_uri(self.uri, name))
+        self._rows.clear()
+
+    def close(self) -> None:
+        """Write what is left."""
+        self.flush()
+
+
+def read_manifest(output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
+    """Every row of every run under ``<output>/_manifest`` (None when there is no manifest yet).
+
+    Parts that cannot be read are reported and ignored (their inputs are then simply redone).
+    """
+    fs, path = filesystem(manifest_uri(output), storage_options)
+    try:
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return None
+        parts = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/.srbatch-tmp-" not in p)
+    except Exception as e:
+        raise StorageError(f"could not list the manifest under {manifest_uri(output)}: {type(e).__name__}: {e}") from e
+    tables = []
+    for p in parts:
+        try:
+            with fs.open(p, "rb") as f:
+                t = pq.read_table(f)
+            tables.append(t.select([n for n in SCHEMA.names if n in t.column_names]).cast(
+                pa.schema([SCHEMA.field(n) for n in SCHEMA.names if n in t.column_names])))
+        except Exception as e:
+            log.warning("ignoring unreadable manifest part %s: %s: %s", p, type(e).__name__, e)
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def latest_rows(table: pa.Table | None) -> dict[str, dict[str, Any]]:
+    """The most recent row of each input URI (by ``finished_at``)."""
+    if table is None or table.num_rows == 0:
+        return {}
+    latest: dict[str, dict[str, Any]] = {}
+    for row in table.sort_by([("finished_at", "ascending")]).to_pylist():
+        latest[row["input_uri"]] = row
+    return latest

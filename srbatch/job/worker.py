@@ -1,0 +1,231 @@
+"""The Ray Data actor of the upscale job: loads the model once, then reads, decodes, upscales, encodes and uploads each
+image of the batches it is handed, returning one small manifest row per image.
+
+Reads and uploads run on a thread pool so they overlap the model's compute; only keys go in and metric rows come out
+through Ray's object store. Every exception of one image becomes that image's failed row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from srbatch.errors import SrbatchError
+from srbatch.job.config import UpscaleConfig
+from srbatch.job.manifest import empty_row, to_table
+from srbatch.job.plan import TMP_PREFIX
+
+log = logging.getLogger("srbatch.job.worker")
+
+__all__ = ["UpscaleWorker", "image_mode", "put_atomic"]
+
+
+def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
+    """Channel layout and depth of an image, Pillow style: ``L``, ``LA``, ``RGB``, ``RGBA``, with ``;16`` for 16-bit."""
+    base = {1: "L", 3: "RGB"}.get(pixels.shape[2] if pixels.ndim == 3 else 1, f"{pixels.shape[2]}ch")
+    if alpha is not None:
+        base += "A"
+    return base + (";16" if pixels.dtype == np.uint16 else "")
+
+
+def put_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` so that nothing half-written is ever visible: one PUT on object stores, a hidden
+    temp file renamed into place on local disks (a leftover temp file from a killed run is removed by the next run)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    parent = posixpath.dirname(path)
+    if proto in ("file", "local"):
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _error_fields(e: BaseException) -> dict[str, str]:
+    name = type(e).__name__
+    msg = str(e) or repr(e)
+    if not isinstance(e, SrbatchError):
+        msg = f"unexpected {name}: {msg}"
+    return {"error_type": name, "error_message": msg[:2000]}
+
+
+class UpscaleWorker:
+    """Callable class for ``Dataset.map_batches``: one instance per actor, one model per instance.
+
+    Args:
+        config: :meth:`UpscaleConfig.model_dump` of the job's configuration.
+        fingerprint: the run's parameter fingerprint (recorded in each row).
+        torch_threads: intra-op threads for CPU inference (None: leave torch's default).
+    """
+
+    def __init__(self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None) -> None:
+        import torch
+
+        from srbatch.inference import TilingConfig, Upscaler
+        from srbatch.models.loader import load_model
+
+        self.cfg = UpscaleConfig.model_validate(config)
+        self.fingerprint = fingerprint
+        self.so = self.cfg.fs_options()
+        self.actor_id, self.gpu_ids = _ray_identity()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = self.cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        t0 = time.perf_counter()
+        desc = load_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so)
+        overlap = self.cfg.tile_overlap
+        if overlap is None:
+            overlap = min(desc.info.receptive_halo or 0, 32)
+        tiling = TilingConfig(tile=self.cfg.tile, overlap=overlap)
+        self.up = Upscaler(desc, device=device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale)
+        self.ref_up = None
+        self.desc = desc
+        self.device = str(self.up.device)
+        self.pool = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="srbatch-io")
+        msg = (
+            f"srbatch actor {self.actor_id[:12]} (pid {os.getpid()}): model {desc.name or desc.architecture} "
+            f"x{desc.scale} on {self.device} ({str(self.up.dtype).removeprefix('torch.')}, "
+            f"Ray GPU ids {self.gpu_ids or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
+            f", torch threads {torch.get_num_threads()}), loaded in {time.perf_counter() - t0:.1f} s"
+        )
+        print(msg, flush=True)
+        log.info(msg)
+
+    # -------------------------------------------------------------- I/O on the thread pool
+
+    def _read(self, uri: str) -> tuple[bytes | BaseException, float]:
+        from srbatch.io.storage import read_bytes
+
+        t0 = time.perf_counter()
+        try:
+            return read_bytes(uri, self.so), time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - becomes the row's error
+            return e, time.perf_counter() - t0
+
+    def _write(self, uri: str, data: bytes) -> float:
+        from srbatch.errors import StorageError
+        from srbatch.io.storage import filesystem
+
+        t0 = time.perf_counter()
+        try:
+            fs, path = filesystem(uri, self.so)
+            put_atomic(fs, path, data)
+        except SrbatchError:
+            raise
+        except Exception as e:
+            raise StorageError(f"could not write {uri}: {type(e).__name__}: {e}") from e
+        return time.perf_counter() - t0
+
+    # -------------------------------------------------------------- one image
+
+    def _process(self, uri: str, out_uri: str, data: bytes, row: dict[str, Any]) -> bytes:
+        from srbatch.io.images import decode_image, encode_image
+
+        t = time.perf_counter()
+        img = decode_image(data, name=uri)
+        row.update(input_width=img.width, input_height=img.height, input_mode=img.mode)
+        row["decode_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out = self.up.upscale_image(img)
+        if self.cfg.reference == "self":
+            row.update(self._audit(img))
+        row["infer_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        encoded = encode_image(out, format=self.cfg.format, quality=self.cfg.quality)
+        row["encode_s"] = time.perf_counter() - t
+        row.update(
+            output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, out.alpha),
+            output_bytes=len(encoded),
+        )  # fmt: skip
+        return encoded
+
+    def _audit(self, img: Any) -> dict[str, float]:
+        """Downscale ``img`` by the scale with MATLAB bicubic, upscale, measure against ``img`` (paper convention)."""
+        from dataclasses import replace
+
+        from srbatch.metrics.quality import measure
+        from srbatch.metrics.resize import imresize_uint8
+
+        s = self.desc.scale
+        hr = img.pixels[: img.height - img.height % s, : img.width - img.width % s]
+        if hr.shape[0] < s or hr.shape[1] < s:
+            return {}
+        lr = imresize_uint8(hr, 1 / s) if s > 1 else hr
+        if self.up.outscale is not None:  # measure at the model's own scale
+            from srbatch.inference import Upscaler
+
+            if self.ref_up is None:
+                self.ref_up = Upscaler(self.desc, device=self.up.device, dtype=self.up.dtype, tiling=self.up.tiling)
+            up = self.ref_up
+        else:
+            up = self.up
+        sr = up.upscale_image(replace(img, pixels=np.ascontiguousarray(lr), alpha=None)).pixels
+        m = measure(sr, hr, crop_border=s)
+        return {"psnr_y": m.psnr_y, "ssim_y": m.ssim_y, "psnr_rgb": m.psnr_rgb, "ssim_rgb": m.ssim_rgb}
+
+    # -------------------------------------------------------------- a batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Process ``batch`` (columns ``input_uri``, ``output_uri``, ``run_id``); one manifest row per input."""
+        inputs = [str(u) for u in batch["input_uri"]]
+        outputs = [str(u) for u in batch["output_uri"]]
+        run_id = str(batch["run_id"][0])
+        reads = [self.pool.submit(self._read, u) for u in inputs]
+        rows: list[dict[str, Any]] = []
+        uploads: list[Future[float] | None] = []
+        for i, (uri, out_uri) in enumerate(zip(inputs, outputs)):
+            row = empty_row(
+                run_id=run_id, input_uri=uri, output_uri=out_uri, status="failed", model=self.desc.name,
+                architecture=self.desc.architecture, model_sha256=self.desc.sha256, scale=self.up.scale,
+                dtype=str(self.up.dtype).removeprefix("torch."), device=self.device,
+                gpu_ids=",".join(self.gpu_ids) or None, actor_id=self.actor_id, fingerprint=self.fingerprint,
+            )  # fmt: skip
+            rows.append(row)
+            uploads.append(None)
+            data, row["read_s"] = reads[i].result()
+            try:
+                if isinstance(data, BaseException):
+                    raise data
+                row["input_bytes"] = len(data)
+                encoded = self._process(uri, out_uri, data, row)
+                uploads[i] = self.pool.submit(self._write, out_uri, encoded)
+            except Exception as e:  # noqa: BLE001 - one broken image is one failed row
+                row.update(_error_fields(e), output_uri=None)
+        for row, fut in zip(rows, uploads):
+            if fut is not None:
+                try:
+                    row["write_s"] = fut.result()
+                    row["status"] = "ok"
+                except Exception as e:  # noqa: BLE001
+                    row.update(_error_fields(e), output_uri=None)
+            row["total_s"] = sum(row[k] or 0.0 for k in ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))
+            row["finished_at"] = empty_row()["finished_at"]
+        return to_table(rows)
+
+
+def _ray_identity() -> tuple[str, list[str]]:
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        actor = ctx.get_actor_id() or f"pid-{os.getpid()}"
+        gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+        return actor, gpus
+    except Exception:  # outside Ray (unit tests, local use)
+        return f"pid-{os.getpid()}", []
