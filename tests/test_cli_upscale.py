@@ -1,4 +1,5 @@
-"""The user's commands: `python jobs/upscale.py` (embedded default) and `srbatch upscale` with broken inputs."""
+"""The user's commands, as typed: `python jobs/upscale.py` (the embedded default, its own local Ray cluster) and
+`srbatch upscale` with broken inputs (failed rows, exit code by policy)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SRBATCH = str(Path(sys.executable).parent / "srbatch")
+
+
+pytestmark = pytest.mark.slow
 
 
 def test_embedded_default_job(tmp_path):
@@ -20,7 +26,10 @@ def test_embedded_default_job(tmp_path):
     out = tmp_path / "srbatch-output" / "upscale"
     assert str(out) in proc.stdout
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
+    assert files == ["_manifest", "astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
+    assert "4 ok, 0 failed, 0 skipped" in proc.stdout and "on cpu" in proc.stdout
+    rows = pd.read_parquet(out / "_manifest")
+    assert len(rows) == 4 and set(rows.status) == {"ok"} and set(rows.model) == {"bicubic"}
     for name, src in [("chelsea.png", "chelsea.png"), ("camera.png", "camera.png")]:
         a = Image.open(ROOT / "srbatch/data/samples" / src)
         b = Image.open(out / name)
@@ -43,10 +52,14 @@ def test_broken_inputs_fail_alone(tmp_path):
     proc = subprocess.run([SRBATCH, "upscale", str(src), "-o", str(tmp_path / "out"), "--scale", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "3 ok, 3 failed" in proc.stdout
+    assert "6 inputs: 3 ok, 3 failed, 0 skipped" in proc.stdout
+    assert "exit code 1" in proc.stdout
     for name in ("empty.png", "notes.png", "truncated.jpg"):
         line = next(l for l in proc.stdout.splitlines() if name in l)
-        assert line.startswith("failed") and "ImageDecodeError" in line
+        assert line.strip().startswith("failed:") and "ImageDecodeError" in line
+    rows = pd.read_parquet(tmp_path / "out" / "_manifest").set_index("input_uri")
+    assert len(rows) == 6 and (rows.status == "failed").sum() == 3
+    assert rows.loc[str(src / "empty.png"), "error_message"].endswith("re-upload or remove it")
     alpha = Image.open(tmp_path / "out/sub/alpha.png")
     assert alpha.mode == "RGBA" and alpha.size == (24, 20)
     g16 = np.array(Image.open(tmp_path / "out/grey16.png"))

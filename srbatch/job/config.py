@@ -240,21 +240,22 @@ def build_parser(prog: str = "jobs/upscale.py") -> argparse.ArgumentParser:
     )
     p.add_argument("positional_input", nargs="?", metavar="INPUT", help="same as --input")
     p.add_argument("--config", "-c", metavar="YAML", help="YAML file (path or URI) with any of the fields below")
+    short = {"input": ["-i"], "output": ["-o"], "model": ["-m"]}
     for name, f in UpscaleConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *short.get(name, [])]
         typ = _base_type(f.annotation)
         default = None if f.default_factory is not None or f.is_required() else f.default
         help_ = f.description + ("" if default is None else f" [{default}]")
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%")}
         if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif name == "storage_options":
             p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", **kw)
         elif typing.get_origin(typ) is Literal:
-            p.add_argument(flag, choices=list(typing.get_args(typ)), **kw)
+            p.add_argument(*flags, choices=list(typing.get_args(typ)), **kw)
         else:
             conv = {int: int, float: float}.get(typ, str)
-            p.add_argument(flag, type=conv, metavar=name.upper(), **kw)
+            p.add_argument(*flags, type=conv, metavar=name.upper(), **kw)
     p.add_argument("-v", "--verbose", action="store_true", default=False, help="log decisions (INFO level)")
     # ArgumentDefaultsHelpFormatter would print "==SUPPRESS==": defaults are in the help texts instead.
     p.formatter_class = argparse.HelpFormatter

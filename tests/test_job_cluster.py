@@ -1,0 +1,166 @@
+"""The upscale job the way users run it on a cluster: `ray start --head` + `ray job submit`, and on a machine whose Ray
+reports GPUs (fake ones here: two actors, each with its own CUDA_VISIBLE_DEVICES, the model falling back to CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _write_images(folder: Path, n: int) -> None:
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+
+
+def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
+    _write_images(tmp_path / "in", 6)
+    script = textwrap.dedent(
+        """
+        import json, os, sys
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        import ray
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)
+        from srbatch.job import UpscaleConfig, read_manifest, run_job
+        res = run_job(UpscaleConfig(input=sys.argv[1], output=sys.argv[2], scale=2, progress=False, batch_size=1))
+        rows = read_manifest(sys.argv[2]).to_pylist()
+        print("RESULT " + json.dumps({"exit": res.exit_code, "ok": res.ok, "devices": sorted({r["device"] for r in rows}),
+                                      "gpu_ids": sorted({r["gpu_ids"] for r in rows})}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert res["exit"] == 0 and res["ok"] == 6
+    assert res["devices"] == ["cpu"]  # torch sees no CUDA: the model runs on CPU, chosen by torch, not by Ray
+    assert set(res["gpu_ids"]) <= {"0", "1"}
+    assert "2 actor(s), 1 GPU and 0.5 CPU each" in out
+    # each actor logs the device it got: one saw GPU 0, the other GPU 1
+    assert "Ray GPU ids ['0'], CUDA_VISIBLE_DEVICES='0'" in out, out
+    assert "Ray GPU ids ['1'], CUDA_VISIBLE_DEVICES='1'" in out, out
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head (`ray start --head --block`) on 127.0.0.1 with its own ports and temp dir, in its own
+    process group, so stopping it cannot touch the test session's cluster (`ray stop` would)."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Unix socket paths must stay short
+    (gcs, dash, agent, agent_grpc, client, nm, om, metrics, rtenv) = _free_ports(9)
+    env = dict(os.environ)
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rtenv}", "--min-worker-port=21000",
+        "--max-worker-port=21999", f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp) / "head.log", "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)  # fmt: skip
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"Ray head did not start: {(Path(temp) / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield address, env
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
+    import s3fs
+
+    address, env = ray_head
+    fs = s3fs.S3FileSystem()
+    rng = np.random.default_rng(11)
+    for i in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (16, 20 + i, 3), dtype=np.uint8)).save(buf, format="PNG")
+        fs.pipe_file(f"{s3_bucket}/in/set/{i}.png", buf.getvalue())
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                          "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                                          "AWS_EC2_METADATA_DISABLED")}}  # fmt: skip
+    sid = f"srbatch-e2e-{uuid.uuid4().hex[:8]}"
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/upscale.py",
+         "--input", f"s3://{s3_bucket}/in/", "--output", f"s3://{s3_bucket}/out/", "--scale", "2", "--no-progress",
+         "--run-id", "submitted"],
+        env=env, capture_output=True, text=True, timeout=400, cwd=ROOT,
+    )  # fmt: skip
+    out = submit.stdout + submit.stderr
+    assert submit.returncode == 0, out
+    assert "5 ok, 0 failed, 0 skipped" in out
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sid], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert f"Job '{sid}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert JobSubmissionClient(address).get_job_status(sid) == JobStatus.SUCCEEDED
+    fs.invalidate_cache()
+    for i in range(5):
+        assert Image.open(io.BytesIO(fs.cat_file(f"{s3_bucket}/out/set/{i}.png"))).size == (2 * (20 + i), 32)
+    from srbatch.job import read_manifest
+
+    rows = read_manifest(f"s3://{s3_bucket}/out/").to_pylist()
+    assert len(rows) == 5 and {r["run_id"] for r in rows} == {"submitted"}
+    # the test session's own cluster is still alive
+    import ray
+
+    assert ray.get(ray.put("still here")) == "still here"
