@@ -6,6 +6,7 @@ Public API::
     up = srbatch.Upscaler(desc, device="auto", tiling=srbatch.TilingConfig(tile=256))
     out = up.upscale_image(srbatch.decode_image(data))
     result = srbatch.evaluate("bicubic", scale=4, hr="Set5/image_SRF_4", lr="Set5/image_SRF_4")
+    job = srbatch.run_job(srbatch.UpscaleConfig(input="s3://photos/raw/", output="s3://photos/x4/", model="bicubic"))
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ _LAZY = {
     "psnr": "srbatch.metrics.quality",
     "ssim": "srbatch.metrics.quality",
     "imresize": "srbatch.metrics.resize",
+    "UpscaleConfig": "srbatch.job.config",
+    "run_job": "srbatch.job.runner",
+    "JobResult": "srbatch.job.runner",
+    "read_manifest": "srbatch.job.manifest",
 }
 
 __all__ = [
@@ -73,6 +78,9 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from srbatch.evaluate import evaluate
     from srbatch.inference import TilingConfig, Upscaler
+    from srbatch.job.config import UpscaleConfig
+    from srbatch.job.manifest import read_manifest
+    from srbatch.job.runner import JobResult, run_job
     from srbatch.io.images import DecodedImage, decode_image, encode_image
     from srbatch.metrics.quality import psnr, ssim
     from srbatch.metrics.resize import imresize

@@ -164,3 +164,40 @@ def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
     import ray
 
     assert ray.get(ray.put("still here")) == "still here"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_leaves_nothing_half_written_and_resumes(tmp_path, sig):
+    src, out = tmp_path / "in", tmp_path / "out"
+    rng = np.random.default_rng(5)
+    src.mkdir()
+    n = 40
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    cmd = [sys.executable, str(ROOT / "jobs/upscale.py"), str(src), "-o", str(out), "--scale", "4", "--batch-size",
+           "1", "--manifest-flush-seconds", "0.2", "--no-progress", "--run-id", "first"]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not list((out / "_manifest").rglob("*.parquet")):  # wait until some images are done
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+        time.sleep(0.1)
+    job.send_signal(sig)
+    log = job.communicate(timeout=120)[0]
+    assert job.returncode == 130, log
+    assert "INTERRUPTED" in log
+    assert not list(out.rglob(".srbatch-tmp-*"))
+    outputs = sorted(p for p in out.rglob("*.png"))
+    for p in outputs:  # everything visible is whole
+        with Image.open(p) as im:
+            im.load()
+            assert im.size == (640, 640)
+    import pandas as pd
+
+    first = pd.read_parquet(out / "_manifest")
+    assert 0 < len(first) < n and set(first.status) == {"ok"} and first.input_uri.is_unique
+    # the rerun does only what the first run did not record
+    proc = subprocess.run([*cmd[:-1], "second"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{n - len(first)} ok, 0 failed, {len(first)} skipped" in proc.stdout, proc.stdout
+    assert len(list(out.rglob("*.png"))) == n
+    print(f"\n{signal.Signals(sig).name}: first run recorded {len(first)} of {n}; the rerun did {n - len(first)}")

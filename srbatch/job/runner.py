@@ -199,6 +199,21 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
     return res
 
 
+def _sigterm_as_interrupt() -> Any:
+    """`ray job stop` and Kubernetes stop a driver with SIGTERM: treat it like Ctrl-C (the rows so far are written,
+    nothing is half-written). Returns the previous handler (None when not on the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _record(res: JobResult, writer: ManifestWriter, row: dict[str, Any]) -> None:
     writer.add(row)
     if row["status"] == "ok":
@@ -223,6 +238,7 @@ def _run_pipeline(
     stream: TextIO,
 ) -> None:
     started = ensure_ray(cfg)
+    previous = _sigterm_as_interrupt()  # after ray.init, which installs its own handler
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
@@ -290,3 +306,7 @@ def _run_pipeline(
         res.pipeline_seconds = time.perf_counter() - t0
         if started:
             ray.shutdown()
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
