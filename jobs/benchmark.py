@@ -47,6 +47,10 @@ BUCKET = "srbatch-bench"
 GOAL_RATIO = 0.9
 
 
+class BenchmarkError(Exception):
+    """A setup problem of the benchmark itself (exit code 2), with the fix in its message."""
+
+
 # --------------------------------------------------------------------------------------------------- command line
 
 
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compute-bound model such as EDSR or RRDBNet at x4 on 256x256 inputs).",
         epilog="Models that need weights (edsr-baseline, rrdbnet, ...) are built with random weights (torch seed 0) "
         "and saved as a .safetensors file in the benchmark's storage, so the job's actors load them by URI; speed does "
-        "not depend on the weights' values. Exit codes: 0 done, 1 an image failed in the job, 2 bad arguments or setup.",
+        "not depend on the weights' values. Exit codes: 0 done, 1 an image failed in the job, 2 bad arguments or "
+        "setup.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", "-m", default="edsr-baseline",
@@ -78,10 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device of both measurements")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="compute dtype (float16 falls back to float32 on CPU, as in the job)")  # fmt: skip
-    p.add_argument("--tile", type=int, default=0, help="tile size in input pixels for both measurements; 0: whole image")
+    p.add_argument("--tile", type=int, default=0,
+                   help="tile size in input pixels for both measurements; 0: whole image")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4, help="images handed to a job actor per call")
     p.add_argument("--actors", type=int, default=None, help="job actors [the job's default: one per GPU, or 1 on CPU]")
-    p.add_argument("--json", action="store_true", help="also print the results as one JSON object (last line of stdout)")
+    p.add_argument("--json", action="store_true",
+                   help="also print the results as one JSON object (the last line of stdout)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="log the job's decisions (INFO level)")
     return p
 
@@ -120,26 +127,35 @@ def synthetic_inputs(n: int, size: int) -> Inputs:
     root = Path(sample_images_dir())
     samples = sorted(p for p in root.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not samples:
-        raise SystemExit(f"benchmark: no sample images under {root}; give your own with --input")
+        raise BenchmarkError(f"no sample images under {root}; give your own with --input")
     opened = []
     for s in samples:
         with Image.open(s) as im:
             opened.append(im.convert("RGB"))
+    flips = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]
     files = []
     for i in range(n):
         im = opened[i % len(opened)]
         w, h = im.size
+        short = min(w, h)
         rng = np.random.default_rng(i)
-        side = int(rng.integers(min(size, w, h), min(w, h) + 1))
+        # crops larger than --size are reduced; smaller samples give crops of half to all of their short side, enlarged
+        side = int(rng.integers(size if size <= short else max(1, short // 2), short + 1))
         x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
         crop = im.crop((x0, y0, x0 + side, y0 + side))
+        flip = flips[(i // len(opened)) % len(flips)]
+        if flip is not None:
+            crop = crop.transpose(flip)
         if crop.size != (size, size):
             crop = crop.resize((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         crop.save(buf, format="PNG")
         files.append((f"bench_{i:03d}.png", buf.getvalue()))
-    return Inputs(files, f"synthetic {size}x{size} RGB crops of the bundled samples ({', '.join(s.name for s in samples)})",
-                  [(size, size)] * n)  # fmt: skip
+    largest = max(opened, key=lambda im: im.size[0] * im.size[1]).size
+    names = ", ".join(s.name for s in samples)
+    note = (f"synthetic {size}x{size} RGB PNGs: random square crops of the bundled samples ({names}; the largest is "
+            f"{largest[0]}x{largest[1]}), flipped and resized with Lanczos")  # fmt: skip
+    return Inputs(files, note, [(size, size)] * n)
 
 
 def user_inputs(spec: str, n: int) -> Inputs:
@@ -182,8 +198,8 @@ class Storage:
             from moto.server import ThreadedMotoServer
         except ImportError:
             self.close()
-            raise SystemExit(
-                "benchmark: --storage s3 starts a local S3 server with moto, which is not installed; "
+            raise BenchmarkError(
+                "--storage s3 starts a local S3 server with moto, which is not installed; "
                 "run with --storage local, or `pip install 'moto[server]'`"
             ) from None
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
@@ -322,9 +338,13 @@ def bare_forward(model: str, scale: int, files: list[tuple[str, bytes]], args: a
     up.upscale_tensor(xs[0])  # warm-up: allocator, kernels, cuDNN autotuning
     sync()
     warmup_s = time.perf_counter() - t
+    per_image = []
     t = time.perf_counter()
     for x in xs:
+        t_i = time.perf_counter()
         y = up.upscale_tensor(x)
+        if dev.type != "cuda":  # on CUDA a per-image sync would serialise the host: only the total is timed there
+            per_image.append(time.perf_counter() - t_i)
     sync()
     seconds = time.perf_counter() - t
     out_shape = tuple(int(v) for v in y.shape)
@@ -342,6 +362,7 @@ def bare_forward(model: str, scale: int, files: list[tuple[str, bytes]], args: a
         "images": len(xs),
         "images_per_s": len(xs) / seconds if seconds > 0 else math.inf,
         "s_per_image": seconds / len(xs),
+        "per_image_s": per_image,
         "last_output_shape": out_shape,
     }
     del xs, y, up, desc
@@ -432,6 +453,8 @@ def end_to_end(model: str, store: Storage, n_expected: int, args: argparse.Names
         "first_result_s": (first - wall0).total_seconds() if first is not None else None,
         "stage_means_s": stages,
         "actor_infer_images_per_s": len(ok) / infer_sum if infer_sum > 0 else None,
+        "per_image_infer_s": [r["infer_s"] for r in sorted(ok, key=lambda r: r["finished_at"])],
+        "per_image_encode_s": [r["encode_s"] for r in sorted(ok, key=lambda r: r["finished_at"])],
         "devices": sorted({str(r.get("device")) for r in ok}),
         "dtypes": sorted({str(r.get("dtype")) for r in ok}),
         "actors": pool["actors"],
@@ -482,9 +505,11 @@ def render(r: dict[str, Any]) -> str:
     st = e["stage_means_s"]
     dev = b["device"] + (f" = {m['gpu']}" if m.get("gpu") else "")
     steady = e["steady"]
-    steady_txt = (f"{_fmt(steady['images_per_s'], ' images/s')}   after each actor's first batch (manifest finished_at)"
-                  if steady["images_per_s"] is not None else f"n/a ({steady['reason']}; use more --images)")  # fmt: skip
-    ratio_steady = _fmt(r["ratio_steady"], digits=2) if r["ratio_steady"] is not None else "n/a"
+    if steady["images_per_s"] is not None:
+        steady_txt = f"{steady['images_per_s']:.3f} images/s   after each actor's first batch (manifest finished_at)"
+    else:
+        steady_txt = f"n/a ({steady['reason']}; use more --images)"
+    ratio_steady = _ratio(r["ratio_steady"])
     rows = [
         ("machine", f"{m['cpu']}, {m['cpus']} CPUs, load avg {_fmt(m.get('load_avg_1m'), digits=2)} at start; "
                     f"torch {m['torch']}, Python {m['python']}"),
@@ -494,7 +519,7 @@ def render(r: dict[str, Any]) -> str:
                   f"{r['model_note']}"),
         ("scale", f"x{b['model_scale']}"),
         ("images", f"{r['n_images']} x {r['image_size']}, {r['inputs']}"),
-        ("storage", r["storage"]),
+        ("storage", r["storage"] + (" (temporary, removed at the end)" if r["storage"].startswith("local") else "")),
         ("tiling", "whole image (tile 0)" if r["tile"] == 0 else f"tile {r['tile']} px"),
         ("job pool", f"{e['actors']} actor(s), {e['gpus_per_actor']:g} GPU + {e['cpus_per_actor']:g} CPU each, "
                      f"batch size {r['batch_size']}"),
@@ -507,17 +532,36 @@ def render(r: dict[str, Any]) -> str:
                            "model check, planning and manifest)"),
         ("    steady state", steady_txt),
         ("    first result", f"{_fmt(e['first_result_s'], ' s')} after run_job was called"),
-        ("ratio e2e/bare", f"{r['ratio']:.2f} (pipeline), {ratio_steady} (steady state); goal >= {GOAL_RATIO}"),
+        ("ratio e2e/bare", f"{_ratio(r['ratio'])} (pipeline), {ratio_steady} (steady state); goal >= {GOAL_RATIO}"),
         ("", ""),
         ("actor stages", "mean s/image: " + ", ".join(f"{k[:-2]} {_fmt(st[k])}" for k in
                                                      ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))),
         ("actor infer only", f"{_fmt(e['actor_infer_images_per_s'], ' images/s')} (images / sum of infer_s: "
                              "forward + colour conversion + quantisation in the actor)"),
+        ("per-image forward", f"min / median s: bare {_min_med(b['per_image_s'])}, actor infer "
+                              f"{_min_med(e['per_image_infer_s'])} (less sensitive to other processes' load)"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     lines = ["srbatch benchmark: bare model forward vs end-to-end job (same images, same device)"]
     lines += [f"  {k:<{width}}  {v}".rstrip() for k, v in rows]
+    load = m.get("load_avg_1m")
+    if b["device"] == "cpu" and load is not None and load >= 0.5 * m["cpus"]:
+        lines.append(
+            f"  WARNING: the 1-minute load average was {load:.2f} on {m['cpus']} CPUs before the benchmark started: "
+            "other processes competed for the CPUs, so the throughputs and their ratio are not reliable; rerun on an "
+            "idle machine, or compare the minimum per-image times"
+        )
     return "\n".join(lines)
+
+
+def _ratio(v: float | None) -> str:
+    return "n/a" if v is None else (f"{v:.2f}" if v >= 0.1 else f"{v:.2g}")
+
+
+def _min_med(xs: list[float]) -> str:
+    import statistics
+
+    return f"{min(xs):.3f} / {statistics.median(xs):.3f}" if xs else "n/a"
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -534,7 +578,12 @@ def _start_ray(store: Storage) -> bool:
         ray.init(address=address, runtime_env={"env_vars": dict(store.env)} if store.env else None)
         return False  # joined, not started: the cluster is someone else's
     ray.init(address="local", include_dashboard=False, configure_logging=False)
+    ray.get(ray.remote(num_cpus=0)(_ping).remote())  # a worker is up: the start-up burst is over before timing
     return True
+
+
+def _ping() -> int:
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,10 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         # Everything read from the user's own storage is read first, before the S3 server's variables are set.
         inputs = user_inputs(args.input, args.images) if args.input else synthetic_inputs(args.images, args.size)
         remote_ckpt = _copy_remote_checkpoint(args.model)
-    except SrbatchError as e:
+        store = Storage(args.storage)
+    except (SrbatchError, BenchmarkError) as e:
         print(f"benchmark: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    store = Storage(args.storage)
     started_ray = False
     try:
         from srbatch.io.storage import write_bytes
@@ -601,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_images": len(inputs.files),
         "image_size": size_txt,
         "inputs": inputs.source,
-        "storage": store.describe() if args.storage == "local" else "s3 (moto server on 127.0.0.1, started for the run)",
+        "storage": store.describe() if args.storage == "local" else "s3 (moto server on 127.0.0.1, for this run)",
         "tile": args.tile,
         "batch_size": args.batch_size,
         "bare": bare,
@@ -616,8 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result), file=out, flush=True)
     code = 0
     if e2e["ok"] != e2e["expected"] or e2e["exit_code"] != 0:
-        print(f"benchmark: the job processed {e2e['ok']} of {e2e['expected']} images ok (exit code {e2e['exit_code']}); "
-              f"failures: {e2e['failures']}", file=sys.stderr)  # fmt: skip
+        print(f"benchmark: the job processed {e2e['ok']} of {e2e['expected']} images ok (exit code "
+              f"{e2e['exit_code']}); failures: {e2e['failures']}", file=sys.stderr)  # fmt: skip
         code = 1
     if args.json:
         print(json.dumps(result, default=str), file=out, flush=True)

@@ -1,8 +1,8 @@
 """The Ray Data actor of the upscale job: loads the model once, then reads, decodes, upscales, encodes and uploads each
 image of the batches it is handed, returning one small manifest row per image.
 
-Reads and uploads run on a thread pool so they overlap the model's compute; only keys go in and metric rows come out
-through Ray's object store. Every exception of one image becomes that image's failed row.
+Reads, and encodes with uploads, run on a thread pool so they overlap the model's compute; only keys go in and metric
+rows come out through Ray's object store. Every exception of one image becomes that image's failed row.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ class UpscaleWorker:
 
     # -------------------------------------------------------------- one image
 
-    def _process(self, uri: str, out_uri: str, data: bytes, row: dict[str, Any]) -> bytes:
-        from srbatch.io.images import decode_image, encode_image
+    def _process(self, uri: str, data: bytes, row: dict[str, Any]) -> Any:
+        """Decode and upscale one image (and audit it with ``--reference self``); returns the upscaled image."""
+        from srbatch.io.images import decode_image
 
         t = time.perf_counter()
         img = decode_image(data, name=uri)
@@ -146,6 +147,12 @@ class UpscaleWorker:
         if self.cfg.reference == "self":
             row.update(self._audit(img))
         row["infer_s"] = time.perf_counter() - t
+        return out
+
+    def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any]) -> None:
+        """Encode and upload one result on the I/O pool, overlapping the next image's inference."""
+        from srbatch.io.images import encode_image
+
         t = time.perf_counter()
         encoded = encode_image(out, format=self.cfg.format, quality=self.cfg.quality)
         row["encode_s"] = time.perf_counter() - t
@@ -153,7 +160,7 @@ class UpscaleWorker:
             output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, out.alpha),
             output_bytes=len(encoded),
         )  # fmt: skip
-        return encoded
+        row["write_s"] = self._write(out_uri, encoded)
 
     def _audit(self, img: Any) -> dict[str, float]:
         """Downscale ``img`` by the scale with MATLAB bicubic, upscale, measure against ``img`` (paper convention)."""
@@ -188,7 +195,7 @@ class UpscaleWorker:
         run_id = str(batch["run_id"][0])
         reads = [self.pool.submit(self._read, u) for u in inputs]
         rows: list[dict[str, Any]] = []
-        uploads: list[Future[float] | None] = []
+        uploads: list[Future[None] | None] = []
         for i, (uri, out_uri) in enumerate(zip(inputs, outputs)):
             row = empty_row(
                 run_id=run_id, input_uri=uri, output_uri=out_uri, status="failed", model=self.desc.name,
@@ -203,14 +210,15 @@ class UpscaleWorker:
                 if isinstance(data, BaseException):
                     raise data
                 row["input_bytes"] = len(data)
-                encoded = self._process(uri, out_uri, data, row)
-                uploads[i] = self.pool.submit(self._write, out_uri, encoded)
+                out = self._process(uri, data, row)
+                uploads[i] = self.pool.submit(self._encode_and_write, out, out_uri, row)
+                del out
             except Exception as e:  # noqa: BLE001 - one broken image is one failed row
                 row.update(_error_fields(e), output_uri=None)
         for row, fut in zip(rows, uploads):
             if fut is not None:
                 try:
-                    row["write_s"] = fut.result()
+                    fut.result()
                     row["status"] = "ok"
                 except Exception as e:  # noqa: BLE001
                     row.update(_error_fields(e), output_uri=None)
