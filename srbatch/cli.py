@@ -1,4 +1,5 @@
-"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.job`)."""
+"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.job`), ``train``
+(the Ray Train job of :mod:`srbatch.train`)."""
 
 from __future__ import annotations
 
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(see `srbatch upscale --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "train",
+        help="the training job on Ray Train: fine-tune a model for a domain, export it (see `srbatch train --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -174,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from srbatch.job import main as job_main
 
         return job_main(argv[1:], prog="srbatch upscale")
+    if argv and argv[0] == "train":
+        from srbatch.train.cli import main as train_main
+
+        return train_main(argv[1:], prog="srbatch train")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

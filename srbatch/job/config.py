@@ -19,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from srbatch.errors import ConfigError
 
-__all__ = ["UpscaleConfig", "load_config", "build_parser", "config_from_args", "default_run_id", "redact"]
+__all__ = [
+    "UpscaleConfig", "load_config", "load_model_config", "add_field_flags", "build_parser", "config_from_args",
+    "default_run_id", "redact",
+]  # fmt: skip
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 _SECRET = re.compile(r"secret|password|token|passwd|credential|(^|_)key$", re.IGNORECASE)
@@ -160,13 +163,13 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _explain(err: ValidationError, source: str) -> ConfigError:
+def _explain(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> ConfigError:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(config)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            known = ", ".join(UpscaleConfig.model_fields)
+            known = ", ".join((cls or UpscaleConfig).model_fields)
             msg = f"unknown field; the known fields are: {known}"
         elif e["type"] == "missing":
             msg = f"required; give --{field.replace('_', '-')} or set `{field}:` in the YAML file"
@@ -179,6 +182,19 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> UpscaleConfig:
     """Read ``path`` (YAML; any fsspec URI) if given, apply ``overrides`` (fields set on the command line) and
     validate. Errors name the field and the fix (:class:`ConfigError`)."""
+    return load_model_config(UpscaleConfig, path, overrides)
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def load_model_config(
+    cls: type[M], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> M:
+    """Validate a config model ``cls`` from a YAML file (any fsspec URI; optional) overridden by ``overrides``.
+
+    Shared by the jobs' configurations; ``storage_options`` dictionaries are merged, other fields replaced.
+    """
     import yaml
 
     data: dict[str, Any] = {}
@@ -200,9 +216,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         else:
             data[k] = v
     try:
-        return UpscaleConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
-        raise _explain(e, source) from None
+        raise _explain(e, source, cls) from None
 
 
 def _parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
@@ -240,8 +256,25 @@ def build_parser(prog: str = "jobs/upscale.py") -> argparse.ArgumentParser:
     )
     p.add_argument("positional_input", nargs="?", metavar="INPUT", help="same as --input")
     p.add_argument("--config", "-c", metavar="YAML", help="YAML file (path or URI) with any of the fields below")
-    short = {"input": ["-i"], "output": ["-o"], "model": ["-m"]}
-    for name, f in UpscaleConfig.model_fields.items():
+    add_field_flags(p, UpscaleConfig, {"input": ["-i"], "output": ["-o"], "model": ["-m"]})
+    p.add_argument("-v", "--verbose", action="store_true", default=False, help="log decisions (INFO level)")
+    # ArgumentDefaultsHelpFormatter would print "==SUPPRESS==": defaults are in the help texts instead.
+    p.formatter_class = argparse.HelpFormatter
+    return p
+
+
+def add_field_flags(
+    p: argparse.ArgumentParser, cls: type[BaseModel], short: Mapping[str, Sequence[str]] | None = None
+) -> None:
+    """One flag per field of ``cls`` (``tile_overlap`` -> ``--tile-overlap``), its description as help text.
+
+    Flags default to "not given" so that YAML values survive; booleans get ``--x/--no-x``; ``storage_options`` is
+    ``--storage-option KEY=VALUE`` (repeatable); Literal fields list their choices.
+    """
+    short = short or {}
+    for name, f in cls.model_fields.items():
+        if f.json_schema_extra and isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("no_flag"):
+            continue
         flags = ["--" + name.replace("_", "-"), *short.get(name, [])]
         typ = _base_type(f.annotation)
         default = None if f.default_factory is not None or f.is_required() else f.default
@@ -253,13 +286,19 @@ def build_parser(prog: str = "jobs/upscale.py") -> argparse.ArgumentParser:
             p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", **kw)
         elif typing.get_origin(typ) is Literal:
             p.add_argument(*flags, choices=list(typing.get_args(typ)), **kw)
-        else:
-            conv = {int: int, float: float}.get(typ, str)
-            p.add_argument(*flags, type=conv, metavar=name.upper(), **kw)
-    p.add_argument("-v", "--verbose", action="store_true", default=False, help="log decisions (INFO level)")
-    # ArgumentDefaultsHelpFormatter would print "==SUPPRESS==": defaults are in the help texts instead.
-    p.formatter_class = argparse.HelpFormatter
-    return p
+        elif typ in (int, float, str):
+            p.add_argument(*flags, type=typ, metavar=name.upper(), **kw)
+        else:  # unions, tuples, mappings: YAML syntax on the command line, e.g. --blur-sigma '[0.2, 3.0]'
+            p.add_argument(*flags, type=_yaml_value, metavar=name.upper(), **kw)
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def config_from_args(args: argparse.Namespace) -> UpscaleConfig:

@@ -123,6 +123,7 @@ def load_model(
             f"{model!r} is an architecture, not a set of weights; give a checkpoint path or URI "
             f"(e.g. --model path/to/{model}_x4.safetensors), or build an untrained one with build_model({model!r})"
         )
+    model = _resolve_export_folder(model, storage_options)
     ckpt = load_checkpoint(model, sha256=sha256, storage_options=storage_options)
     display = model.rstrip("/").rsplit("/", 1)[-1]
 
@@ -160,6 +161,30 @@ def load_model(
         f"{', '.join(a for a in archs if archs[a].needs_weights)}; spandrel did not recognise it either. "
         "If it is one of these with renamed keys, rename them; otherwise open an issue with the key list."
     )
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".pkl")
+
+
+def _resolve_export_folder(model: str, storage_options: Mapping[str, Any] | None) -> str:
+    """A folder written by the training job (``model.safetensors`` + model card) stands for its model file."""
+    if model.lower().rstrip("/").endswith(_CHECKPOINT_SUFFIXES):
+        return model
+    from srbatch.io.storage import filesystem, join_uri
+
+    try:
+        fs, path = filesystem(model, storage_options)
+        if not fs.isdir(path):
+            return model
+        has_model = fs.exists(path.rstrip("/") + "/model.safetensors")
+    except Exception:  # the checkpoint reader reports unreadable URIs with the right message
+        return model
+    if not has_model:
+        raise WeightsError(
+            f"{model} is a folder without model.safetensors; give a checkpoint file, or the --output folder of "
+            "jobs/train.py"
+        )
+    return join_uri(model, "model.safetensors")
 
 
 def save_model(desc: ModelDescriptor, uri: str, *, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -1,0 +1,155 @@
+"""The training job on a real local Ray cluster (Ray Train, 2 CPU workers, gloo DDP) with images and checkpoints on a
+real S3 endpoint (moto over HTTP on 127.0.0.1): checkpoints, resume, a worker killed mid-run, the GAN stage with a
+random VGG file, and the export loaded by the upscale job."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from srbatch.local import sample_images_dir
+from srbatch.train import TrainConfig, run_training
+from srbatch.train.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV
+from srbatch.train.runner import TrainingError
+
+pytestmark = pytest.mark.slow
+
+TINY = {"model": "srresnet", "model_args": {"num_block": 2, "num_feat": 16}, "scale": 2, "crop_size": 32,
+        "batch_size": 4, "val_max_size": 64, "log_every": 1, "ema": 0.9}  # fmt: skip
+
+
+def _upload_samples(bucket: str) -> str:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for p in sorted(Path(sample_images_dir()).iterdir()):
+        if p.suffix.lower() in (".png", ".jpg"):
+            fs.put_file(str(p), f"{bucket}/hr/{p.name}")
+    fs.invalidate_cache()
+    return f"s3://{bucket}/hr/"
+
+
+def _history(uri: str) -> list[dict]:
+    import s3fs
+
+    with s3fs.S3FileSystem().open(uri, "rb") as f:
+        return pq.read_table(f).to_pylist()
+
+
+def test_two_workers_on_s3_checkpoint_then_resume(ray_cluster, s3_bucket):
+    data = _upload_samples(s3_bucket)
+    out = f"s3://{s3_bucket}/models/tiny-x2"
+    cfg = TrainConfig(data=data, output=out, steps=4, val_every=2, workers=2, **TINY)
+    r1 = run_training(cfg)
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    ckpts = sorted(p for p in fs.ls(f"{s3_bucket}/models/tiny-x2/_train/train") if "/checkpoint_0" in p)
+    assert [p.rsplit("/", 1)[-1] for p in ckpts] == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert r1.card["training"]["steps"] == 4 and r1.card["training"]["samples"] == 4 * 4 * 2
+    assert r1.card["data"]["train_images"] + r1.card["data"]["val_images"] == 4
+    assert fs.exists(f"{s3_bucket}/models/tiny-x2/model.safetensors")
+    assert [h["step"] for h in _history(out + "/history.parquet")] == [2, 4]
+
+    # the same name again without --resume is refused (no silent mixing of two runs)
+    from srbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(cfg)
+
+    # --resume with more steps continues from step 4: the history gains 6, earlier rows are kept
+    r2 = run_training(cfg.model_copy(update={"steps": 6, "resume": True}))
+    hist = _history(f"s3://{s3_bucket}/models/tiny-x2/_train/train/history.parquet")
+    assert [h["step"] for h in hist] == [2, 4, 6]
+    assert hist[-1]["restarts"] == 1
+    assert r2.card["training"]["steps"] == 6 and r2.card["training"]["samples"] == 6 * 4 * 2
+    # validation figures are measured, finite, and the report names all three models
+    v = r2.card["validation"]
+    assert all(math.isfinite(v[k]["psnr_y"]) for k in ("bicubic", "initial", "final"))
+    assert "domain gain" in r2.report() and "vs initial" in r2.report()
+
+
+def test_worker_killed_mid_run_recovers_from_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_STEP_ENV, "3")
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
+    cfg = TrainConfig(data=sample_images_dir(), output=str(tmp_path / "out"), steps=4, val_every=2, workers=2,
+                      max_failures=1, **TINY)  # fmt: skip
+    r = run_training(cfg)
+    assert marker.exists(), "the fault injection did not fire"
+    assert r.card["training"]["steps"] == 4
+    assert r.card["training"]["restarts"] == 1  # the worker group restarted once, from checkpoint_00000002
+    hist = pq.read_table(tmp_path / "out" / "history.parquet").to_pylist()
+    assert [h["step"] for h in hist] == [2, 4] and [h["restarts"] for h in hist] == [0, 1]
+
+
+def test_worker_failures_beyond_max_failures_fail_the_job(ray_cluster, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_STEP_ENV, "1")
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
+    cfg = TrainConfig(data=sample_images_dir(), output=str(tmp_path / "out"), steps=2, val_every=2, workers=1,
+                      max_failures=0, **TINY)  # fmt: skip
+    with pytest.raises(TrainingError, match="--resume"):
+        run_training(cfg)
+
+
+def test_gan_stage_with_random_vgg_and_export_in_upscale_job(ray_cluster, tmp_path):
+    from srbatch.job import UpscaleConfig, read_manifest, run_job
+    from srbatch.train.gan import save_random_vgg19
+
+    psnr = tmp_path / "psnr"
+    run_training(TrainConfig(data=sample_images_dir(), output=str(psnr), steps=2, val_every=2, **TINY))
+    save_random_vgg19(str(tmp_path / "vgg19.pth"))
+    assert (tmp_path / "vgg19.pth").stat().st_size > 1_000_000
+    for recipe in ("srgan", "esrgan"):
+        out = tmp_path / f"gan-{recipe}"
+        r = run_training(TrainConfig(data=sample_images_dir(), output=str(out), stage="gan", gan=recipe,
+                                     init=str(psnr), vgg_weights=str(tmp_path / "vgg19.pth"), steps=2, val_every=1,
+                                     name=f"gan-{recipe}", **TINY))  # fmt: skip
+        hist = pq.read_table(out / "history.parquet").to_pylist()
+        assert [h["step"] for h in hist] == [1, 2]
+        assert all(math.isfinite(h["loss"]) for h in hist)
+        assert r.card["recipe"]["gan"]["adversarial_weight"] == {"srgan": 1e-3, "esrgan": 5e-3}[recipe]
+        assert r.card["init"] == str(psnr)
+    card = json.loads((tmp_path / "gan-esrgan" / "model_card.json").read_text())
+    assert card["architecture"] == "srresnet" and card["scale"] == 2
+    assert (tmp_path / "gan-esrgan" / "MODEL_CARD.md").read_text().startswith("# ")
+
+    # the export folder is a model for the upscale job, as it is
+    res = run_job(UpscaleConfig(input=sample_images_dir(), output=str(tmp_path / "up"), model=str(tmp_path / "gan-esrgan"),
+                                scale=2, progress=False))  # fmt: skip
+    assert res.exit_code == 0 and res.ok == 4
+    rows = read_manifest(str(tmp_path / "up")).to_pylist()
+    assert {r["architecture"] for r in rows} == {"srresnet"} and {r["model_sha256"] for r in rows} == {card["sha256"]}
+
+
+def test_gan_stage_without_vgg_weights_explains_what_to_provide(tmp_path):
+    from srbatch.errors import ConfigError
+    from srbatch.train import load_train_config
+
+    with pytest.raises(ConfigError, match="--vgg-weights") as e:
+        load_train_config(None, {"data": "x/", "output": "y/", "stage": "gan", "init": "y/psnr"})
+    assert "torchvision" in str(e.value) and "psnr stage" in str(e.value)
+
+
+def test_grey_16bit_microscopy_trains_single_channel(ray_cluster, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "micro"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        base = rng.integers(500, 4000, (80, 80)).astype(np.float64)
+        img = (base + 3000 * np.sin(np.arange(80)[None, :] / (3 + i))).clip(0, 65535).astype(np.uint16)
+        Image.fromarray(img).save(data / f"cell_{i}.png")
+    r = run_training(TrainConfig(data=str(data), output=str(tmp_path / "out"), preset="microscopy", steps=2,
+                                 val_every=2, model_args={"num_block": 1, "num_feat": 8}, crop_size=32, batch_size=2,
+                                 val_max_size=64))  # fmt: skip
+    assert r.card["channels"] == 1 and r.card["color_space"] == "L"
+    assert r.card["recipe"]["degradation"]["poisson_prob"] > 0
