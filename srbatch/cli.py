@@ -45,6 +45,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
 
 
+def _shipped_models() -> list[dict]:
+    import json as _json
+    from importlib import resources
+
+    out = []
+    for scale in (2, 4):
+        card = resources.files("srbatch") / "data" / "models" / f"default-x{scale}" / "model_card.json"
+        if card.is_file():
+            c = _json.loads(card.read_text())
+            v = c["validation"]
+            out.append({"scale": scale, "architecture": c["architecture"], "hparams": c["hparams"],
+                        "parameters": c["parameters"], "psnr_y": (v.get("final") or {}).get("psnr_y", float("nan")),
+                        "bicubic_psnr_y": (v.get("bicubic") or {}).get("psnr_y", float("nan"))})  # fmt: skip
+    return out
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from srbatch.models.registry import architectures, variants
 
@@ -68,9 +84,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         spandrel_names = sorted({a.architecture.name for a in MAIN_REGISTRY.architectures()})
     except Exception as e:  # spandrel missing or broken: still list native models
         logging.getLogger("srbatch").warning("spandrel unavailable: %s", e)
+    shipped = _shipped_models()
     if args.json:
-        print(json.dumps({"native": rows, "spandrel": spandrel_names}, indent=2))
+        print(json.dumps({"native": rows, "shipped": shipped, "spandrel": spandrel_names}, indent=2))
         return 0
+    print("Shipped weights (`--model default --scale 2|4`; trained by jobs/train.py on CC0 images):")
+    for m in shipped:
+        print(f"  default x{m['scale']}: {m['architecture']} {m['hparams']}, {m['parameters']:,} parameters, "
+              f"validation {m['psnr_y']:.2f} dB PSNR_Y (bicubic {m['bicubic_psnr_y']:.2f} dB) on held-out images")
     print("Native architectures (load the authors' checkpoints; `--model <checkpoint path or URI>`):")
     for r in rows:
         extra = f" variants: {', '.join(r['variants'])}" if r["variants"] else ""

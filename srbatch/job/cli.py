@@ -16,10 +16,10 @@ DEFAULT_OUTPUT = "srbatch-output/upscale"
 
 
 def default_argv() -> list[str]:
-    """The embedded default: the bundled samples, bicubic x4, into ./srbatch-output/upscale, local Ray."""
+    """The embedded default: the bundled samples, the shipped default model x4, into ./srbatch-output/upscale."""
     from srbatch.local import sample_images_dir
 
-    return [sample_images_dir(), "--output", str(Path.cwd() / DEFAULT_OUTPUT), "--model", "bicubic", "--scale", "4"]
+    return [sample_images_dir(), "--output", str(Path.cwd() / DEFAULT_OUTPUT), "--model", "default", "--scale", "4"]
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "jobs/upscale.py") -> int:
@@ -27,8 +27,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "jobs/upscale.py") ->
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = default_argv()
-        print(f"srbatch: no arguments: upscaling the bundled sample images with bicubic x4 (the bundled default "
-              f"model) into {argv[2]} on a local Ray cluster", file=sys.stderr)  # fmt: skip
+        print(f"srbatch: no arguments: upscaling the bundled sample images x4 with the shipped default model into "
+              f"{argv[2]} on a local Ray cluster", file=sys.stderr)  # fmt: skip
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -78,9 +78,10 @@ class JobResult:
         return "\n".join(lines)
 
 
-def ensure_ray(cfg: UpscaleConfig) -> bool:
-    """Connect to the configured Ray cluster, ``$RAY_ADDRESS``, or start a local one on 127.0.0.1. Returns True when
-    this call started Ray (so the caller shuts it down)."""
+def ensure_ray(cfg: Any, *, dashboard: bool = False) -> bool:
+    """Connect to the cluster at ``cfg.ray_address``, ``$RAY_ADDRESS``, or start a local one on 127.0.0.1 (with the
+    dashboard, on 127.0.0.1 too, when ``dashboard``: Ray Train's state queries need it). Returns True when this call
+    started Ray (so the caller shuts it down)."""
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if not address and "ray" not in sys.modules:
         # Read when Ray is imported: with it a new single-machine cluster binds every port to 127.0.0.1 (see
@@ -94,7 +95,8 @@ def ensure_ray(cfg: UpscaleConfig) -> bool:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                 configure_logging=False)  # fmt: skip
     return True
 
 

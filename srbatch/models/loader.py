@@ -104,12 +104,17 @@ def load_model(
 ) -> ModelDescriptor:
     """Load a model by name or from a checkpoint URI and describe it.
 
-    ``model`` is a parameter-free model name (``bicubic``), or a checkpoint at any fsspec URI or local path
+    ``model`` is a parameter-free model name (``bicubic``), ``default`` (the shipped x2/x4 models), the output folder
+    of the training job, or a checkpoint at any fsspec URI or local path
     (``.safetensors``, ``.pth``, ``.pt``; ``s3://``, ``memory://``, ...). Checkpoints are read safely (see
     :func:`srbatch.weights.load_checkpoint`), recognised by srbatch metadata, then by the native architectures'
     ``detect``, then by spandrel. ``scale`` is required for scale-agnostic weights (VDSR, SRCNN, FSRCNN) and must
     match the checkpoint otherwise. ``sha256``, when given, must match the file's bytes.
     """
+    if model == "default":  # the shipped models trained by jobs/train.py (x2 and x4)
+        from srbatch.local import default_model_path
+
+        model = default_model_path(scale)
     archs = architectures()
     var = variants()
     if model in var or model in archs:

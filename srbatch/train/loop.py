@@ -310,7 +310,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched_g.step()
         if gan is not None:
             parts.update(gan.discriminator_step(sr.detach(), y, sched_step=True))
-        if ema is not None:
+        if ema is not None:  # warm-up: early on, the average must not drag the random initial weights along
+            ema.decay = min(cfg.ema, (1 + step) / (10 + step))
             ema.update(gen)
         if not all(math.isfinite(v) for v in parts.values()):
             raise FloatingPointError(

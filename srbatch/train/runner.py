@@ -143,7 +143,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     print(f"srbatch train: {len(plan['train'])} training and {len(plan['val'])} validation image(s) from {cfg.data}; "
           f"{plan['channels']} channel(s); checkpoints at {run_path}", flush=True)  # fmt: skip
 
-    started = ensure_ray(cfg)  # type: ignore[arg-type]  # it reads ray_address only
+    started = ensure_ray(cfg, dashboard=True)
     try:
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
