@@ -30,7 +30,7 @@ def test_embedded_default_job(tmp_path):
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout and "on cpu" in proc.stdout
     rows = pd.read_parquet(out / "_manifest")
     assert len(rows) == 4 and set(rows.status) == {"ok"} and set(rows.model) == {"default-x4"}
-    assert set(rows.architecture) == {"espcn"}  # the shipped default model, not bicubic
+    assert set(rows.architecture) == {"imdn"}  # the shipped default model, not bicubic
     for name, src in [("chelsea.png", "chelsea.png"), ("camera.png", "camera.png")]:
         a = Image.open(ROOT / "srbatch/data/samples" / src)
         b = Image.open(out / name)
