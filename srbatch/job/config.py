@@ -140,18 +140,23 @@ class UpscaleConfig(BaseModel):
 
     def fs_options(self) -> dict[str, Any]:
         """fsspec storage options, with ``endpoint_url`` and ``anonymous`` folded in."""
-        so = dict(self.storage_options)
-        if self.endpoint_url:
-            ck = dict(so.get("client_kwargs") or {})
-            ck["endpoint_url"] = self.endpoint_url
-            so["client_kwargs"] = ck
-        if self.anonymous:
-            so["anon"] = True
-        return so
+        return fold_storage_options(self.storage_options, self.endpoint_url, self.anonymous)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as a dict with every credential-like value replaced by ``***`` (safe to log)."""
         return redact(self.model_dump())
+
+
+def fold_storage_options(
+    storage_options: Mapping[str, Any], endpoint_url: str | None, anonymous: bool
+) -> dict[str, Any]:
+    """fsspec storage options with an S3 ``endpoint_url`` (as ``client_kwargs``) and ``anonymous`` (``anon``) added."""
+    so = dict(storage_options)
+    if endpoint_url:
+        so["client_kwargs"] = {**dict(so.get("client_kwargs") or {}), "endpoint_url": endpoint_url}
+    if anonymous:
+        so["anon"] = True
+    return so
 
 
 def redact(obj: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from srbatch.errors import ConfigError
-from srbatch.job.config import _parse_kv, add_field_flags, load_model_config, redact
+from srbatch.job.config import _parse_kv, add_field_flags, fold_storage_options, load_model_config, redact
 
 __all__ = ["TrainConfig", "PRESETS", "RECIPES", "load_train_config", "build_parser", "train_config_from_args"]
 
@@ -280,14 +280,7 @@ class TrainConfig(BaseModel):
 
     def fs_options(self) -> dict[str, Any]:
         """fsspec storage options, with ``endpoint_url`` and ``anonymous`` folded in."""
-        so = dict(self.storage_options)
-        if self.endpoint_url:
-            ck = dict(so.get("client_kwargs") or {})
-            ck["endpoint_url"] = self.endpoint_url
-            so["client_kwargs"] = ck
-        if self.anonymous:
-            so["anon"] = True
-        return so
+        return fold_storage_options(self.storage_options, self.endpoint_url, self.anonymous)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration with credential-like values masked (safe to log and to put in model cards)."""
