@@ -33,7 +33,7 @@ CASES: list[tuple[ModuleType, dict[str, Any]]] = [
     *[
         (srresnet, {"scale": s, "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 2, "body_end": e,
                     "output_act": "none"})
-        for s, e in ((2, "bn"), (4, "prelu"))
+        for s, e in ((1, "bn"), (2, "bn"), (4, "prelu"))
     ],
     *[
         (rrdbnet, {"scale": s, "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1, "num_grow_ch": 4,

@@ -153,3 +153,39 @@ def test_grey_16bit_microscopy_trains_single_channel(ray_cluster, tmp_path):
                                  val_max_size=64))  # fmt: skip
     assert r.card["channels"] == 1 and r.card["color_space"] == "L"
     assert r.card["recipe"]["degradation"]["poisson_prob"] > 0
+
+
+def test_scale_1_restoration_trains_and_runs_in_the_upscale_job(ray_cluster, tmp_path):
+    """Item 4: a denoising model at scale 1 (the `restoration` preset), exported and run by the upscale job."""
+    import numpy as np
+    from PIL import Image
+
+    from srbatch.job import UpscaleConfig, read_manifest, run_job
+
+    out = tmp_path / "restore-x1"
+    r = run_training(TrainConfig(data=sample_images_dir(), output=str(out), preset="restoration", steps=3, val_every=3,
+                                 model_args={"num_block": 1, "num_feat": 8}, crop_size=32, batch_size=2,
+                                 val_max_size=64))  # fmt: skip
+    assert r.card["scale"] == 1 and r.card["architecture"] == "srresnet"
+    assert r.card["recipe"]["degradation"]["gaussian_sigma"] == [5.0, 50.0]
+    v = r.card["validation"]
+    # the "bicubic" baseline at scale 1 is the noisy input itself: measured, finite and well below a clean image
+    assert math.isfinite(v["bicubic"]["psnr_y"]) and v["bicubic"]["psnr_y"] < 40
+    assert all(math.isfinite(v[k]["psnr_y"]) for k in ("initial", "final"))
+
+    res = run_job(UpscaleConfig(input=sample_images_dir(), output=str(tmp_path / "up"), model=str(out), scale=1,
+                                progress=False))  # fmt: skip
+    assert res.exit_code == 0 and res.ok == 4
+    rows = read_manifest(str(tmp_path / "up")).to_pylist()
+    assert {r["scale"] for r in rows} == {1} and {r["architecture"] for r in rows} == {"srresnet"}
+    for row in rows:
+        assert (row["output_width"], row["output_height"]) == (row["input_width"], row["input_height"])
+        with Image.open(row["output_uri"].removeprefix("file://")) as im:
+            assert im.size == (row["input_width"], row["input_height"])
+            assert np.asarray(im).std() > 1  # an image, not a blank
+
+    from srbatch.errors import ConfigError
+    from srbatch.train import load_train_config
+
+    with pytest.raises(ConfigError, match="--preset restoration"):
+        load_train_config(None, {"data": "x/", "output": "y/", "scale": 1})

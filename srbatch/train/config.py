@@ -67,6 +67,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-4,
         "lr_schedule": "step",
     },
+    "restoration": {
+        # The old-photo seed: noisy, degraded inputs and clean targets at the same size (--scale 1). SRResNet without
+        # upsampling blocks, L1, Gaussian noise (sigma 5-50 of 255) and sometimes JPEG.
+        "model": "srresnet",
+        "scale": 1,
+        "crop_size": 96,
+        "batch_size": 16,
+        "degradation": "denoise",
+        "loss": "l1",
+        "lr": 2e-4,
+    },
 }
 """Named starting points (``--preset``): each sets model, scale, crop size, degradation, loss and learning rate."""
 
@@ -110,7 +121,7 @@ class TrainConfig(BaseModel):
         description="export folder/prefix: model.safetensors, model_card.json/.md and history.parquet land here; "
         "`jobs/upscale.py --model <output>` loads it"
     )
-    preset: Literal["dogs", "microscopy", "faces", "generic"] | None = Field(
+    preset: Literal["dogs", "microscopy", "faces", "generic", "restoration"] | None = Field(
         None, description="a domain preset setting model, scale, crops, degradation, loss and learning rate"
     )
     lr_data: str | None = Field(
@@ -250,6 +261,12 @@ class TrainConfig(BaseModel):
             from srbatch.train.gan import _MISSING_WEIGHTS_HELP
 
             raise ValueError(f"the {self.gan} recipe's perceptual loss needs VGG19 weights: {_MISSING_WEIGHTS_HELP}")
+        if self.scale == 1 and self.degradation == "bicubic" and not self.lr_data:
+            raise ValueError(
+                "--scale 1 with the bicubic degradation gives LR == HR: nothing to learn; choose a degradation that "
+                "damages the image (--degradation denoise, mild or realesrgan; or --preset restoration), or give "
+                "--lr-data with the degraded inputs"
+            )
         if self.lr_data and self.degradation != "bicubic":
             raise ValueError("--lr-data gives the LR images; drop --degradation (it synthesises LR)")
         return self

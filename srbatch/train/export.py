@@ -175,11 +175,11 @@ def render_card(card: Mapping[str, Any]) -> str:
         "",
         "| model | PSNR_Y / SSIM_Y |",
         "|---|---|",
-        f"| bicubic | {_fmt(v.get('bicubic'))} |",
+        f"| {'degraded input' if card['scale'] == 1 else 'bicubic'} | {_fmt(v.get('bicubic'))} |",
         f"| initial weights | {_fmt(v.get('initial'))} |",
         f"| this model | {_fmt(v.get('final'))} |",
         "",
-        f"Gain over bicubic: {gb['psnr_y_db']:+.2f} dB; over the initial weights: {gi['psnr_y_db']:+.2f} dB."
+        f"Gain over {'the input' if card['scale'] == 1 else 'bicubic'}: {gb['psnr_y_db']:+.2f} dB; over the initial weights: {gi['psnr_y_db']:+.2f} dB."
         if gb and gi else "",
         "",
         f"Convention: {v['convention']}.",

@@ -370,7 +370,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _print_val(when: str, v: Mapping[str, float], bicubic: Mapping[str, float] | None) -> None:
     if not v:
         return
-    b = f" (bicubic {bicubic['psnr_y']:.2f} dB / {bicubic['ssim_y']:.4f})" if bicubic else ""
+    b = f" ({bicubic.get('label', 'bicubic')} {bicubic['psnr_y']:.2f} dB / {bicubic['ssim_y']:.4f})" if bicubic else ""
     print(f"srbatch train: validation {when}: PSNR_Y {v['psnr_y']:.2f} dB SSIM_Y {v['ssim_y']:.4f}{b}", flush=True)
 
 

@@ -41,14 +41,15 @@ class TrainResult:
     def report(self) -> str:
         """The domain gain report: bicubic, the initial weights and the trained model on the held-out images."""
         v, t = self.card["validation"], self.card["training"]
-        rows = [("bicubic", v.get("bicubic")), ("initial weights", v.get("initial")), ("trained", v.get("final"))]
+        base = "degraded input" if self.card["scale"] == 1 else "bicubic"
+        rows = [(base, v.get("bicubic")), ("initial weights", v.get("initial")), ("trained", v.get("final"))]
         lines = [f"srbatch train: {self.card['name']} ({self.card['architecture']} x{self.card['scale']}), "
                  f"{t['steps']} steps, {t['samples']:,} samples, {(t['samples_per_s'] or 0):.1f} samples/s, "
                  f"{t['restarts']} restart(s)",
                  f"  domain gain on {self.card['data']['val_images']} held-out image(s) (PSNR_Y dB / SSIM_Y):"]  # fmt: skip
         for label, m in rows:
             lines.append(f"    {label:<16} " + (f"{m['psnr_y']:7.2f} / {m['ssim_y']:.4f}" if m else "    n/a"))
-        for label, g in (("vs initial", v.get("gain_vs_initial")), ("vs bicubic", v.get("gain_vs_bicubic"))):
+        for label, g in (("vs initial", v.get("gain_vs_initial")), ("vs " + base.split()[-1], v.get("gain_vs_bicubic"))):
             if g:
                 lines.append(f"    {label:<16} {g['psnr_y_db']:+7.2f} / {g['ssim_y']:+.4f}")
         lines.append(f"  model: {self.output} (load with --model {self.output})")

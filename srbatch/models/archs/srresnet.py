@@ -75,7 +75,9 @@ class SRResNet(nn.Module):
     """The SRResNet / SRGAN generator. Input ``[0, 1]``, output ``[0, 1]`` (not clamped).
 
     Args:
-        scale: upscaling factor, a power of two >= 2 (``log2(scale)`` upsample blocks).
+        scale: upscaling factor, a power of two (``log2(scale)`` upsample blocks). 1 is restoration at the same size
+            (the training job's denoising models): no upsample block, and the network learns the residual that is
+            added to its input (DnCNN/VDSR residual learning), so an untrained model starts near the identity.
         num_in_ch, num_out_ch: image channels in and out.
         num_feat: feature channels (64 in the paper).
         num_block: residual blocks (16 in the paper, 5 in leftthomas/SRGAN).
@@ -95,12 +97,15 @@ class SRResNet(nn.Module):
         output_act: Literal["none", "tanh"] = "none",
     ) -> None:
         super().__init__()
-        if scale < 2 or scale & (scale - 1):
-            raise ConfigError(f"SRResNet needs a power-of-two scale >= 2 (2, 4, 8); got scale={scale}")
+        if scale < 1 or scale & (scale - 1):
+            raise ConfigError(f"SRResNet needs a power-of-two scale (1, 2, 4, 8); got scale={scale}")
         if body_end not in ("bn", "prelu"):
             raise ConfigError(f"body_end must be 'bn' or 'prelu'; got {body_end!r}")
         if output_act not in ("none", "tanh"):
             raise ConfigError(f"output_act must be 'none' or 'tanh'; got {output_act!r}")
+        if scale == 1 and num_in_ch != num_out_ch:
+            raise ConfigError(f"SRResNet at scale 1 adds its input to the output: num_in_ch ({num_in_ch}) must equal "
+                              f"num_out_ch ({num_out_ch})")
         self.scale, self.output_act = scale, output_act
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 9, padding=4)
         self.prelu_first = nn.PReLU()
@@ -116,6 +121,8 @@ class SRResNet(nn.Module):
         feat = self.prelu_first(self.conv_first(x))
         trunk = getattr(self, self._body_end)(self.conv_body(self.body(feat)))
         out = self.conv_last(self.upsample(feat + trunk))
+        if self.scale == 1:  # restoration: the network predicts the residual
+            out = out + x
         return (torch.tanh(out) + 1) / 2 if self.output_act == "tanh" else out
 
 
@@ -203,8 +210,6 @@ def detect(state_dict: StateDict) -> Detection | None:
     if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor) and first.ndim == last.ndim == 4):
         return None
     n_up = len({k.split(".")[1] for k in sd if re.match(r"upsample\.\d+\.conv\.weight$", k)})
-    if n_up < 1:
-        return None
     hparams: dict[str, Any] = {
         "scale": 2**n_up,
         "num_in_ch": int(first.shape[1]),
