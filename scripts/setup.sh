@@ -15,4 +15,14 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "srbatch setup: installing srbatch and its dependencies"
 pip_install -c constraints.txt -e ".[test]"
+# The comparison report's browser test drives Debian's Chromium (headless) through chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "srbatch setup: installing Debian's chromium and chromium-driver (for the report's browser test)"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "srbatch setup: no apt-get: install chromium and chromedriver yourself for the report's browser test" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, torchvision, spandrel, ray, srbatch; print('srbatch setup: ok (torch', torch.__version__ + ', ray', ray.__version__ + ')')"

@@ -1,5 +1,5 @@
-"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.job`), ``train``
-(the Ray Train job of :mod:`srbatch.train`)."""
+"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.job`), ``compare``
+(:mod:`srbatch.compare`), ``train`` (the Ray Train job of :mod:`srbatch.train`)."""
 
 from __future__ import annotations
 
@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "compare",
+        help="the comparison job on Ray: several models on your images, an HTML report with crops and a Parquet "
+        "table (see `srbatch compare --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "train",
         help="the training job on Ray Train: fine-tune a model for a domain, export it (see `srbatch train --help`)",
         add_help=False,
@@ -201,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from srbatch.job import main as job_main
 
         return job_main(argv[1:], prog="srbatch upscale")
+    if argv and argv[0] == "compare":
+        from srbatch.compare.cli import main as compare_main
+
+        return compare_main(argv[1:], prog="srbatch compare")
     if argv and argv[0] == "train":
         from srbatch.train.cli import main as train_main
 

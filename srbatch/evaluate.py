@@ -140,6 +140,35 @@ def _modcrop(img: np.ndarray, h: int, w: int) -> np.ndarray:
     return img[:h, :w, ...]
 
 
+def reference_pair(
+    hr_img: Any, lr_img: Any | None, scale: int, *, name: str, hr_uri: str = "", lr_uri: str | None = None
+) -> tuple[Any, np.ndarray]:
+    """The (LR image, HR pixels) pair measured in the paper convention.
+
+    Without ``lr_img`` the HR is cropped to a multiple of ``scale`` and downscaled with MATLAB bicubic; with it, the HR
+    must be ``scale`` x the LR (a larger HR by less than ``scale`` pixels is cropped, as benchmark HR files often are).
+    Alpha is dropped. Raises :class:`ConfigError` naming the files when sizes or channels do not match.
+    """
+    if lr_img is None:
+        h, w = (hr_img.height // scale) * scale, (hr_img.width // scale) * scale
+        if h < scale or w < scale:
+            raise ConfigError(f"{hr_uri or name} is {hr_img.width}x{hr_img.height}: smaller than the scale {scale}")
+        hr_px = _modcrop(hr_img.pixels, h, w)
+        lr_img = type(hr_img)(pixels=imresize_uint8(hr_px, 1.0 / scale) if scale > 1 else hr_px, mode=hr_img.mode)
+    else:
+        h, w = lr_img.height * scale, lr_img.width * scale
+        if hr_img.height < h or hr_img.width < w or hr_img.height - h >= scale or hr_img.width - w >= scale:
+            raise ConfigError(
+                f"{hr_uri} is {hr_img.width}x{hr_img.height} but its LR {lr_uri} is "
+                f"{lr_img.width}x{lr_img.height}: at x{scale} the HR should be {w}x{h}; check --scale and the pairing"
+            )
+        hr_px = _modcrop(hr_img.pixels, h, w)
+    if lr_img.channels != hr_px.shape[2]:
+        raise ConfigError(f"{name}: LR has {lr_img.channels} channels but HR has {hr_px.shape[2]}")
+    lr_img.alpha = None
+    return lr_img, hr_px
+
+
 def evaluate(
     model: str | ModelDescriptor,
     *,
@@ -183,28 +212,11 @@ def evaluate(
     t_all = time.perf_counter()
     for key, hr_uri, lr_uri in pairs:
         hr_img = decode_image(read_bytes(hr_uri, storage_options), name=hr_uri)
-        if lr_uri is None:
-            h, w = (hr_img.height // scale) * scale, (hr_img.width // scale) * scale
-            hr_px = _modcrop(hr_img.pixels, h, w)
-            lr_img = type(hr_img)(pixels=imresize_uint8(hr_px, 1.0 / scale), mode=hr_img.mode)
-        else:
-            lr_img = decode_image(read_bytes(lr_uri, storage_options), name=lr_uri)
-            h, w = lr_img.height * scale, lr_img.width * scale
-            if hr_img.height < h or hr_img.width < w or hr_img.height - h >= scale or hr_img.width - w >= scale:
-                raise ConfigError(
-                    f"{hr_uri} is {hr_img.width}x{hr_img.height} but its LR {lr_uri} is "
-                    f"{lr_img.width}x{lr_img.height}: at x{scale} the HR should be {w}x{h}; check --scale and the pairing"
-                )
-            hr_px = _modcrop(hr_img.pixels, h, w)
-        if lr_img.channels != hr_px.shape[2]:
-            raise ConfigError(f"{key}: LR has {lr_img.channels} channels but HR has {hr_px.shape[2]}")
-        lr_img.alpha = None
+        lr_given = decode_image(read_bytes(lr_uri, storage_options), name=lr_uri) if lr_uri is not None else None
+        lr_img, hr_px = reference_pair(hr_img, lr_given, scale, name=key, hr_uri=hr_uri, lr_uri=lr_uri)
+        h, w = hr_px.shape[:2]
         t0 = time.perf_counter()
-        if mode == "float" and y_model and hr_px.shape[2] == 3 and hr_px.dtype == np.uint8:
-            m = _measure_y_float(up, lr_img.pixels, hr_px, scale, border)
-        else:
-            sr = up.upscale_image(lr_img).pixels
-            m = measure(sr, hr_px, crop_border=border)
+        m, _, _ = upscale_and_measure(up, lr_img, hr_px, border=border, precision=mode)
         secs = time.perf_counter() - t0
         row = EvalRow(
             image=key,
@@ -240,7 +252,26 @@ def evaluate(
     )
 
 
-def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, scale: int, border: int) -> Measurement:
+def upscale_and_measure(
+    up: Any, lr_img: Any, hr: np.ndarray, *, border: int, precision: str = "auto"
+) -> tuple[Measurement, np.ndarray, float]:
+    """Upscale ``lr_img`` (a :class:`~srbatch.io.images.DecodedImage` without alpha) with the
+    :class:`~srbatch.inference.Upscaler` ``up`` and measure it against ``hr`` (same size as the output) in the paper
+    convention at ``precision`` (one of :data:`PRECISION_MODES`). Returns the figures, the SR pixels (HWC, the
+    image's integer type) and the seconds the upscaling itself took. :func:`evaluate` and the comparison job measure through this one function."""
+    if precision not in PRECISION_MODES:
+        raise ConfigError(f"precision must be one of {PRECISION_MODES}; got {precision!r}")
+    y_model = up.descriptor.color_space == "Y"
+    mode = ("float" if y_model else "uint8") if precision == "auto" else precision
+    if mode == "float" and y_model and hr.shape[2] == 3 and hr.dtype == np.uint8 and lr_img.pixels.shape[2] == 3:
+        return _measure_y_float(up, lr_img.pixels, hr, border)
+    t0 = time.perf_counter()
+    sr = up.upscale_image(lr_img).pixels
+    secs = time.perf_counter() - t0
+    return measure(sr, hr, crop_border=border), sr, secs
+
+
+def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, border: int) -> tuple[Measurement, np.ndarray, float]:
     """A Y-channel model measured on its own float output: Y in, Y out, nothing rounded (clipped to [0, 255]).
 
     The RGB figures use the 8-bit RGB image made from that Y and the MATLAB-bicubic CbCr, as ``upscale_image`` does.
@@ -252,7 +283,9 @@ def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, scale: int, border
 
     x = torch.from_numpy(lr.astype(np.float64) / 255.0).permute(2, 0, 1)[None]
     ycc = rgb2ycbcr(x)
+    t0 = time.perf_counter()
     y_sr = up.upscale_tensor(ycc[:, :1].float()).double().clamp(0, 1).cpu()
+    secs = time.perf_counter() - t0
     y_hr = rgb_to_y(hr, round_output=False)
     y_sr_255 = y_sr[0, 0].numpy() * 255.0
     cbcr = imresize(ycc[:, 1:], output_shape=tuple(y_sr.shape[-2:]))
@@ -263,7 +296,7 @@ def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, scale: int, border
         ssim_y=ssim(y_sr_255, y_hr, crop_border=border, data_range=255.0),
         psnr_rgb=psnr(sr_rgb, hr, crop_border=border),
         ssim_rgb=ssim(sr_rgb, hr, crop_border=border),
-    )
+    ), sr_rgb, secs
 
 
 def write_parquet(result: EvalResult, uri: str, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -87,14 +87,19 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
         raise StorageError(f"could not read {uri}: {type(e).__name__}: {e}") from e
 
 
-def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write ``data`` to ``uri``, creating parent folders for local paths."""
+def write_bytes(
+    uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None, *, content_type: str | None = None
+) -> None:
+    """Write ``data`` to ``uri``, creating parent folders for local paths. ``content_type`` is stored with S3 objects
+    (so that a browser renders an HTML report served from the bucket instead of downloading it)."""
     try:
         fs, path = filesystem(uri, storage_options)
         parent = posixpath.dirname(path)
         if parent and not fs.exists(parent):
             fs.makedirs(parent, exist_ok=True)
-        with fs.open(path, "wb") as f:
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        extra = {"ContentType": content_type} if content_type and protocol in ("s3", "s3a") else {}
+        with fs.open(path, "wb", **extra) as f:
             f.write(data)
     except StorageError:
         raise

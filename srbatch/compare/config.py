@@ -1,0 +1,189 @@
+"""Configuration of the comparison job: one frozen pydantic model, from YAML and flags (the upscale job's machinery)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from srbatch.errors import ConfigError
+from srbatch.job.config import (
+    _parse_kv,
+    add_field_flags,
+    fold_storage_options,
+    load_model_config,
+    redact,
+)
+
+__all__ = ["CompareConfig", "Crop", "parse_crops", "build_parser", "config_from_args", "load_compare_config"]
+
+_BOX = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*$")
+
+
+class Crop(BaseModel):
+    """A crop rectangle in output (HR) pixels; ``reason`` says why it was chosen."""
+
+    model_config = ConfigDict(frozen=True)
+
+    x: int
+    y: int
+    w: int
+    h: int
+    reason: str = "user"
+
+
+def parse_crops(text: str) -> list[Crop]:
+    """``"x,y,w,h;x,y,w,h"`` (output pixels) -> crops. Raises :class:`ConfigError` naming the bad box."""
+    out = []
+    for part in [p for p in text.split(";") if p.strip()]:
+        m = _BOX.match(part)
+        if not m:
+            raise ConfigError(f"--crops: {part.strip()!r} is not x,y,w,h (four integers in output pixels); e.g. "
+                              "--crops '120,80,96,96;300,200,64,64'")  # fmt: skip
+        x, y, w, h = (int(g) for g in m.groups())
+        if w < 1 or h < 1:
+            raise ConfigError(f"--crops: {part.strip()!r} has an empty width or height")
+        out.append(Crop(x=x, y=y, w=w, h=h))
+    if not out:
+        raise ConfigError("--crops: no box given; use 'auto' or x,y,w,h;x,y,w,h")
+    return out
+
+
+class CompareConfig(BaseModel):
+    """Everything the comparison job needs. Frozen; unknown fields are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    images: str = Field(
+        description="the images: a folder/prefix, a file or a glob such as 's3://bucket/samples/*.png' (quote it); "
+        "in a folder holding *_HR and *_LR files only the HR ones are taken"
+    )
+    models: list[str] = Field(
+        description="models to compare, comma-separated: names (bicubic, default, srresnet ...; see `srbatch "
+        "models`), checkpoint files or export folders (paths or URIs)"
+    )
+    output: str = Field(
+        description="output folder/prefix: index.html (the report), comparison.parquet, images/<model>/, report/"
+    )
+    scale: int = Field(4, ge=1, le=16, description="upscaling factor of every model")
+    mode: Literal["auto", "reference", "real"] = Field(
+        "auto",
+        description="reference: downscale each image with MATLAB bicubic (or take --lr), upscale, measure against the "
+        "original; real: upscale the images themselves, pictures only; auto: reference when --lr is given or the "
+        "images' median short side is at least --reference-min-lr x the scale, else real",
+    )
+    lr: str | None = Field(
+        None, description="reference mode: the LR images, paired by name as in `srbatch evaluate` (HR/LR tokens removed)"
+    )
+    reference_min_lr: int = Field(
+        32, ge=1, description="auto mode: the smallest median LR short side (px) that makes the images references"
+    )
+    precision: Literal["auto", "uint8", "float"] = Field(
+        "auto", description="how SR outputs are measured, as in `srbatch evaluate --precision`"
+    )
+    crops: str = Field(
+        "auto",
+        description="auto: per image the highest-detail region, then where the models disagree most; or "
+        "'x,y,w,h;x,y,w,h' in output pixels, the same boxes on every image",
+    )
+    crop_size: int = Field(96, ge=8, description="side of the automatic crops in output pixels")
+    crops_per_image: int = Field(2, ge=1, le=8, description="automatic crops per image")
+    max_report_images: int = Field(
+        40, ge=1, description="images shown in the report (the first by name); comparison.parquet has them all"
+    )
+    title: str | None = Field(None, description="report title [srbatch comparison x<scale>]")
+    tile: int | None = Field(0, ge=0, description="tile size in input pixels; 0: never tile (exact metrics)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype (CUDA only)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the actor sees a GPU")
+    actors: int | None = Field(None, ge=1, description="model actors per model; unset: one per GPU, or 1 on CPU")
+    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; unset: 1 with GPUs, else 0")
+    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs per actor; unset: 0.5 with GPUs, else 1")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; unset: CPUs / actors")
+    batch_size: int = Field(2, ge=1, description="images handed to an actor per call")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (KEY=VALUE, repeatable); credentials never logged"
+    )
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint [AWS_ENDPOINT_URL]")
+    anonymous: bool = Field(False, description="object storage without credentials (public buckets)")
+    ray_address: str | None = Field(None, description="Ray cluster; unset: $RAY_ADDRESS, else a new local cluster")
+    progress: bool = Field(True, description="show a progress bar on stderr")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [m.strip() for m in v.split(",")]
+        if isinstance(v, list):
+            v = [str(m).strip() for m in v if str(m).strip()]
+            if not v:
+                raise ValueError("no model given; e.g. --models bicubic,default")
+        return v
+
+    @field_validator("images", "output")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; give a folder, glob or URI")
+        return v.strip()
+
+    @field_validator("crops")
+    @classmethod
+    def _crops(cls, v: str) -> str:
+        if v.strip() != "auto":
+            try:
+                parse_crops(v)
+            except ConfigError as e:
+                raise ValueError(str(e).removeprefix("--crops: ")) from None
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompareConfig:
+        if self.lr and self.mode == "real":
+            raise ValueError("--lr gives reference pairs; drop it or use --mode reference")
+        return self
+
+    def fs_options(self) -> dict[str, Any]:
+        """fsspec storage options with ``endpoint_url`` and ``anonymous`` folded in."""
+        return fold_storage_options(self.storage_options, self.endpoint_url, self.anonymous)
+
+    def user_crops(self) -> list[Crop] | None:
+        """The ``--crops`` boxes, or None for ``auto``."""
+        return None if self.crops == "auto" else parse_crops(self.crops)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration with credential-like values masked (safe to log)."""
+        return redact(self.model_dump())
+
+
+def load_compare_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> CompareConfig:
+    """YAML file (optional, any fsspec URI) overridden by ``overrides``, validated; errors name the field."""
+    return load_model_config(CompareConfig, path, overrides)
+
+
+def build_parser(prog: str = "jobs/compare.py") -> argparse.ArgumentParser:
+    """The comparison job's argument parser: one flag per :class:`CompareConfig` field, plus ``--config``."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Compare super-resolution models on your own images, with pictures. Every model upscales every "
+        "image on Ray actors (one model loaded once per actor); in reference mode each image is first downscaled "
+        "with MATLAB bicubic and PSNR/SSIM are measured against it (the paper convention, as `srbatch evaluate`). "
+        "Writes <output>/index.html (a self-contained report: mean metrics, PSNR vs runtime, side-by-side crops), "
+        "<output>/comparison.parquet (one row per image x model) and the upscaled images.",
+        epilog="Every flag can also be set in the YAML file given with --config (field names with underscores). "
+        "Exit codes: 0 done, 1 some image x model failed (see the Parquet's error columns), 2 configuration error, "
+        "130 interrupted.",
+    )
+    p.add_argument("--config", "-c", metavar="YAML", help="YAML file (path or URI) with any of the fields below")
+    add_field_flags(p, CompareConfig, {"images": ["-i"], "output": ["-o"], "models": ["-m"]})
+    p.add_argument("-v", "--verbose", action="store_true", default=False, help="log decisions (INFO level)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """YAML first, then the flags that were given."""
+    given = {k: v for k, v in vars(args).items() if k in CompareConfig.model_fields}
+    if "storage_options" in given:
+        given["storage_options"] = _parse_kv(given["storage_options"] or [])
+    return load_compare_config(getattr(args, "config", None), given)

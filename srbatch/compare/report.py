@@ -1,0 +1,307 @@
+"""The comparison report: crop images and thumbnails per image, and one self-contained ``index.html``.
+
+Everything the page needs is inline (CSS, the SVG plot) or a relative link to an image file beside it, so the report
+opens from a local folder or from the bucket it was written to; no network resource is referenced.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from srbatch.compare.config import Crop
+
+__all__ = ["png_bytes", "to_display", "ImagePanel", "render_panel", "model_summary", "build_html", "plot_svg"]
+
+THUMB_MAX = 320
+CROP_DISPLAY = 200
+COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """PNG of an HWC (C = 1 or 3) uint8/uint16 array, bit depth kept."""
+    from srbatch.io.images import DecodedImage, encode_image
+
+    mode = "L" if pixels.shape[2] == 1 else "RGB"
+    return encode_image(DecodedImage(pixels=np.ascontiguousarray(pixels), mode=mode), format="PNG")
+
+
+def to_display(pixels: np.ndarray) -> np.ndarray:
+    """8-bit HWC (C = 1 or 3) version of an image for the browser (16-bit scaled to 8)."""
+    if pixels.dtype == np.uint16:
+        pixels = ((pixels.astype(np.uint32) + 128) // 257).clip(0, 255).astype(np.uint8)
+    return pixels
+
+
+def _png8(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    px = to_display(pixels)
+    im = Image.fromarray(px[..., 0] if px.shape[2] == 1 else px)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+@dataclass
+class ImagePanel:
+    """What the report shows of one image: its thumbnail, crops, and the files of each crop (relative paths)."""
+
+    image: str
+    width: int
+    height: int
+    thumb: str
+    crops: list[Crop]
+    lr_files: list[str]
+    hr_files: list[str] | None
+    model_files: dict[str, list[str]] = field(default_factory=dict)
+    note: str = ""
+
+
+def _thumb(pixels: np.ndarray, crops: Sequence[Crop]) -> bytes:
+    from PIL import Image, ImageDraw
+
+    px = to_display(pixels)
+    im = Image.fromarray(px[..., 0] if px.shape[2] == 1 else px).convert("RGB")
+    f = min(1.0, THUMB_MAX / max(im.width, im.height))
+    if f < 1:
+        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(im)
+    for i, c in enumerate(crops):
+        box = [c.x * f, c.y * f, (c.x + c.w) * f - 1, (c.y + c.h) * f - 1]
+        draw.rectangle(box, outline=COLOURS[i % len(COLOURS)], width=2)
+        draw.text((box[0] + 3, box[1] + 1), str(i + 1), fill=COLOURS[i % len(COLOURS)])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def render_panel(
+    *,
+    index: int,
+    image: str,
+    lr: np.ndarray,
+    hr: np.ndarray | None,
+    outputs: Mapping[str, np.ndarray],
+    scale: int,
+    crops: Sequence[Crop] | None,
+    crop_size: int,
+    crops_per_image: int,
+    write: Any,
+) -> ImagePanel:
+    """Choose the crops of one image (``crops`` given: clipped to it; None: automatic), write the thumbnail and every
+    crop through ``write(relative_path, png_bytes)``, and describe them.
+
+    ``lr`` is the model input, ``hr`` the reference (None in real mode), ``outputs`` each model's upscaled pixels.
+    """
+    from srbatch.compare.crops import auto_crops, fit_crops
+
+    outs = {k: v for k, v in outputs.items() if v is not None}
+    h = lr.shape[0] * scale
+    w = lr.shape[1] * scale
+    if hr is not None:
+        base = hr
+    elif outs:
+        base = np.mean([to_display(v)[:h, :w].astype(np.float64) for v in outs.values()], axis=0).astype(np.uint8)
+    else:
+        base = np.repeat(np.repeat(to_display(lr), scale, 0), scale, 1)
+    if crops is None:
+        chosen = auto_crops(base, list(outs.values()), scale=scale, size=crop_size, count=crops_per_image)
+    else:
+        chosen = fit_crops(crops, width=w, height=h, scale=scale)
+    stem = f"report/{index:04d}"
+    panel = ImagePanel(image=image, width=w, height=h, thumb=f"{stem}/thumb.png", crops=chosen, lr_files=[],
+                       hr_files=[] if hr is not None else None)  # fmt: skip
+    if crops is not None and len(chosen) < len(crops):
+        panel.note = f"{len(crops) - len(chosen)} of the --crops boxes fall outside this image"
+    write(panel.thumb, _thumb(base, chosen))
+    for j, c in enumerate(chosen):
+        lr_crop = lr[c.y // scale : (c.y + c.h) // scale, c.x // scale : (c.x + c.w) // scale]
+        nn = np.repeat(np.repeat(lr_crop, scale, axis=0), scale, axis=1)
+        panel.lr_files.append(f"{stem}/crop{j + 1}_lr.png")
+        write(panel.lr_files[-1], _png8(nn))
+        if hr is not None and panel.hr_files is not None:
+            panel.hr_files.append(f"{stem}/crop{j + 1}_hr.png")
+            write(panel.hr_files[-1], _png8(hr[c.y : c.y + c.h, c.x : c.x + c.w]))
+        for m, (label, out) in enumerate(outs.items()):
+            name = f"{stem}/crop{j + 1}_m{m + 1}.png"
+            panel.model_files.setdefault(label, []).append(name)
+            write(name, _png8(out[c.y : c.y + c.h, c.x : c.x + c.w]))
+    return panel
+
+
+# ------------------------------------------------------------------ summary, plot and page
+
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+
+
+def model_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
+    """Per model: mean metrics over its ok images, mean runtime, parameters, counts (in ``models`` order)."""
+    out = []
+    for label in models:
+        mine = [r for r in rows if r["model"] == label]
+        ok = [r for r in mine if r["status"] == "ok"]
+        d: dict[str, Any] = {"model": label, "images": len(ok), "failed": len(mine) - len(ok),
+                             "architecture": next((r["architecture"] for r in mine if r["architecture"]), None),
+                             "params": next((r["params"] for r in mine if r["params"] is not None), None)}  # fmt: skip
+        for k in (*METRICS, "runtime_s"):
+            vals = [r[k] for r in ok if r[k] is not None and math.isfinite(r[k])]
+            d[k] = float(np.mean(vals)) if vals else None
+        out.append(d)
+    return out
+
+
+def _best(summary: Sequence[Mapping[str, Any]], key: str, lower: bool = False) -> float | None:
+    vals = [s[key] for s in summary if s[key] is not None]
+    if not vals:
+        return None
+    return min(vals) if lower else max(vals)
+
+
+def plot_svg(summary: Sequence[Mapping[str, Any]], width: int = 560, height: int = 320) -> str:
+    """An inline SVG scatter of mean PSNR_Y against mean runtime per image (log scale), one labelled dot per model."""
+    pts = [(s["model"], s["runtime_s"], s["psnr_y"]) for s in summary if s["runtime_s"] and s["psnr_y"] is not None]
+    if not pts:
+        return ""
+    left, right, top, bottom = 60, 20, 20, 45
+    xs = [math.log10(max(p[1], 1e-6)) for p in pts]
+    ys = [p[2] for p in pts]
+    x0, x1 = min(xs) - 0.15, max(xs) + 0.15
+    y0, y1 = math.floor(min(ys) - 0.5), math.ceil(max(ys) + 0.5)
+
+    def px(v: float) -> float:
+        return left + (v - x0) / (x1 - x0) * (width - left - right)
+
+    def py(v: float) -> float:
+        return top + (y1 - v) / (y1 - y0) * (height - top - bottom)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="PSNR_Y against runtime per model">',
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'fill="none" stroke="#999"/>']  # fmt: skip
+    for e in range(math.floor(x0), math.ceil(x1) + 1):
+        for mult in (1, 2, 5):
+            t = e + math.log10(mult)
+            if x0 <= t <= x1:
+                parts.append(f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" y2="{height - bottom}" '
+                             f'stroke="#eee"/><text x="{px(t):.1f}" y="{height - bottom + 15}" font-size="11" '
+                             f'text-anchor="middle">{mult * 10.0**e:g} s</text>')  # fmt: skip
+    step = max(1, math.ceil((y1 - y0) / 6))
+    for v in range(int(y0), int(y1) + 1, step):
+        parts.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{width - right}" y2="{py(v):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{py(v) + 4:.1f}" font-size="11" text-anchor="end">{v}</text>')  # fmt: skip
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" font-size="12" text-anchor="middle">'
+                 "runtime per image (s, log scale)</text>"
+                 f'<text x="14" y="{(top + height - bottom) / 2}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2})">PSNR_Y (dB)</text>')  # fmt: skip
+    for i, ((label, _, y), x) in enumerate(zip(pts, xs)):
+        c = COLOURS[i % len(COLOURS)]
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{c}"><title>{html.escape(label)}: '
+                     f"{y:.2f} dB</title></circle>"
+                     f'<text x="{px(x) + 8:.1f}" y="{py(y) - 6:.1f}" font-size="12">{html.escape(label)}</text>')  # fmt: skip
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table.summary { border-collapse: collapse; margin: 1em 0; }
+table.summary td, table.summary th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+table.summary td:first-child, table.summary th:first-child { text-align: left; }
+.best { font-weight: bold; }
+.meta { color: #555; font-size: 0.9em; }
+section.image { border-top: 1px solid #ddd; margin-top: 1.5em; padding-top: 1em; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; margin: 0.5em 0; }
+figure { margin: 0; text-align: center; font-size: 0.8em; }
+figure img.crop { width: {{ crop_px }}px; height: auto; image-rendering: pixelated; border: 1px solid #ccc; }
+img.thumb { border: 1px solid #ccc; }
+.note { background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b400; }
+.failed { color: #a00; }
+</style></head>
+<body>
+<h1>{{ title }}</h1>
+<p class="meta">{{ n_images }} image(s) x {{ models|length }} model(s), scale x{{ scale }}, mode <b>{{ mode }}</b>
+({{ mode_text }}). Device {{ devices }}. Made {{ created }} by srbatch {{ version }}.
+All rows: <a href="comparison.parquet">comparison.parquet</a>.</p>
+<h2>Mean per model</h2>
+<table class="summary" id="summary">
+<tr><th>model</th><th>architecture</th><th>parameters</th>
+{% if reference %}<th>PSNR_Y</th><th>SSIM_Y</th><th>PSNR_RGB</th><th>SSIM_RGB</th>{% endif %}
+<th>runtime s/image</th><th>images</th><th>failed</th></tr>
+{% for s in summary %}<tr>
+<td>{{ s.model }}</td><td>{{ s.architecture or "" }}</td><td>{{ "{:,}".format(s.params) if s.params is not none else "" }}</td>
+{% if reference %}{% for k, fmt in [("psnr_y", "%.3f"), ("ssim_y", "%.4f"), ("psnr_rgb", "%.3f"), ("ssim_rgb", "%.4f")] %}
+<td{% if s[k] is not none and s[k] == best[k] %} class="best"{% endif %}>{{ fmt|format(s[k]) if s[k] is not none else "–" }}</td>
+{% endfor %}{% endif %}
+<td{% if s.runtime_s is not none and s.runtime_s == best.runtime_s %} class="best"{% endif %}>{{ "%.4f"|format(s.runtime_s) if s.runtime_s is not none else "–" }}</td>
+<td>{{ s.images }}</td><td{% if s.failed %} class="failed"{% endif %}>{{ s.failed }}</td>
+</tr>{% endfor %}
+</table>
+<p class="meta">{{ convention }}</p>
+{% if plot %}<h2>PSNR_Y against runtime</h2>{{ plot|safe }}{% endif %}
+{% if limited %}<p class="note">Showing {{ panels|length }} of {{ n_images }} images (--max-report-images {{ max_images }});
+comparison.parquet has every image.</p>{% endif %}
+{% for p in panels %}<section class="image" id="img{{ loop.index }}">
+<h3>{{ p.image }} <span class="meta">{{ p.width }}x{{ p.height }} output</span></h3>
+{% if reference %}<p class="meta">{% for m in models %}{{ m }}: {{ per_image[p.image][m] }}{% if not loop.last %} · {% endif %}{% endfor %}</p>{% endif %}
+{% if p.note %}<p class="note">{{ p.note }}</p>{% endif %}
+<div class="row"><figure><img class="thumb" src="{{ p.thumb }}" alt="{{ p.image }}: thumbnail with the crops marked"><figcaption>crops marked</figcaption></figure></div>
+{% for c in p.crops %}{% set j = loop.index0 %}
+<div class="row crop-row">
+<figure><img class="crop" src="{{ p.lr_files[j] }}" alt="LR crop {{ loop.index }}"><figcaption>{{ loop.index }}: LR (nearest) · {{ c.reason }}<br>{{ c.w }}x{{ c.h }} at {{ c.x }},{{ c.y }}</figcaption></figure>
+{% for m in models %}{% if p.model_files.get(m) %}<figure><img class="crop" src="{{ p.model_files[m][j] }}" alt="{{ m }} crop {{ loop.index }}"><figcaption>{{ m }}</figcaption></figure>{% endif %}{% endfor %}
+{% if p.hr_files %}<figure><img class="crop" src="{{ p.hr_files[j] }}" alt="HR crop {{ loop.index }}"><figcaption>HR (original)</figcaption></figure>{% endif %}
+</div>{% endfor %}
+</section>{% endfor %}
+{% if failures %}<h2 class="failed">Failures</h2><ul>{% for f in failures %}<li class="failed">{{ f }}</li>{% endfor %}</ul>{% endif %}
+</body></html>
+"""
+
+
+def build_html(
+    *,
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    models: Sequence[str],
+    panels: Sequence[ImagePanel],
+    scale: int,
+    mode: str,
+    mode_text: str,
+    n_images: int,
+    max_images: int,
+    convention: str,
+    created: str,
+) -> str:
+    """The report page (Jinja2, autoescaped)."""
+    import jinja2
+
+    from srbatch import __version__
+
+    summary = model_summary(rows, models)
+    reference = mode == "reference"
+    best = {k: _best(summary, k) for k in METRICS}
+    best["runtime_s"] = _best(summary, "runtime_s", lower=True)
+    per_image: dict[str, dict[str, str]] = {}
+    for r in rows:
+        v = f"{r['psnr_y']:.2f} dB" if r["status"] == "ok" and r["psnr_y"] is not None else r["status"]
+        per_image.setdefault(r["image"], {})[r["model"]] = v
+    failures = [f"{r['image']} · {r['model']}: {r['error_type']}: {r['error_message']}" for r in rows
+                if r["status"] != "ok"]  # fmt: skip
+    devices = ", ".join(sorted({str(r["device"]) for r in rows if r["device"]})) or "n/a"
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(_TEMPLATE).render(
+        title=title, summary=summary, best=best, reference=reference, models=list(models), panels=panels,
+        scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=len(panels) < n_images,
+        max_images=max_images, plot=plot_svg(summary) if reference else "", per_image=per_image, failures=failures,
+        devices=devices, created=created, version=__version__, convention=convention, crop_px=CROP_DISPLAY,
+    )  # fmt: skip

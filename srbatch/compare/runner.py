@@ -1,0 +1,314 @@
+"""The comparison job's driver: list and pair the images, pick the mode, run every model over every image on Ray
+actors (one model after another, each with the whole cluster), then write the Parquet table and the HTML report."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import posixpath
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from srbatch.compare.config import CompareConfig
+from srbatch.compare.worker import ROW_SCHEMA, CompareWorker, empty_row
+from srbatch.errors import ConfigError
+from srbatch.io.storage import join_uri, list_images, write_bytes
+
+log = logging.getLogger("srbatch.compare")
+
+__all__ = ["CompareResult", "run_compare", "model_labels", "choose_mode"]
+
+EXIT_OK, EXIT_FAILED = 0, 1
+AUTO_SAMPLE = 16
+
+
+@dataclass
+class CompareResult:
+    """What a comparison produced: rows (one per image x model), the mode, and where the files are."""
+
+    output: str
+    mode: str
+    models: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    report: str = ""
+    parquet: str = ""
+    seconds: float = 0.0
+    shown: int = 0
+
+    @property
+    def failed(self) -> int:
+        """Image x model pairs that failed."""
+        return sum(r["status"] != "ok" for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every image x model succeeded, 1 otherwise."""
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+    def table(self) -> str:
+        """The mean-per-model table printed at the end."""
+        from srbatch.compare.report import model_summary
+
+        ref = self.mode == "reference"
+        head = f"{'model':<24} {'params':>10}" + (
+            f" {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" if ref else ""
+        ) + f" {'s/image':>8} {'ok':>4} {'failed':>6}"
+        lines = [head, "-" * len(head)]
+        for s in model_summary(self.rows, self.models):
+            params = f"{s['params']:,}" if s["params"] is not None else "-"
+            line = f"{s['model'][:24]:<24} {params:>10}"
+            if ref:
+                line += "".join(f" {_f(s[k], w, p)}" for k, w, p in (("psnr_y", 8, 3), ("ssim_y", 7, 4),
+                                                                      ("psnr_rgb", 9, 3), ("ssim_rgb", 9, 4)))  # fmt: skip
+            line += f" {_f(s['runtime_s'], 8, 4)} {s['images']:>4} {s['failed']:>6}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The end-of-run summary: the table, failures, and the files."""
+        n = len({r["image"] for r in self.rows})
+        lines = [f"srbatch compare: {n} image(s) x {len(self.models)} model(s), mode {self.mode}, "
+                 f"{self.seconds:.1f} s", self.table()]  # fmt: skip
+        bad = [r for r in self.rows if r["status"] != "ok"]
+        for r in bad[:10]:
+            lines.append(f"  failed: {r['image']} with {r['model']}: {r['error_type']}: {r['error_message']}")
+        if len(bad) > 10:
+            lines.append(f"  ... and {len(bad) - 10} more (see the Parquet table)")
+        lines.append(f"  report:  {self.report} ({self.shown} image(s) shown)")
+        lines.append(f"  table:   {self.parquet}")
+        return "\n".join(lines)
+
+
+def _f(v: float | None, w: int, p: int) -> str:
+    return f"{v:{w}.{p}f}" if v is not None else f"{'-':>{w}}"
+
+
+def model_labels(specs: list[str]) -> list[str]:
+    """Short unique names for the report: zoo names as they are, files and folders by their stem."""
+    labels = []
+    for s in specs:
+        base = posixpath.basename(s.rstrip("/")) or s
+        for ext in (".safetensors", ".pth", ".pt", ".ckpt", ".bin"):
+            base = base.removesuffix(ext)
+        labels.append(base)
+    out = []
+    for i, lab in enumerate(labels):
+        n = labels[:i].count(lab)
+        out.append(lab if labels.count(lab) == 1 else f"{lab}#{n + 1}")
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+
+def _header_size(uri: str, so: dict[str, Any]) -> tuple[int, int] | None:
+    import fsspec
+    from PIL import Image
+
+    try:
+        with fsspec.open(uri, "rb", **so) as f, Image.open(f) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - a broken file decides nothing; the workers report it
+        return None
+
+
+def choose_mode(cfg: CompareConfig, uris: list[str]) -> tuple[str, str]:
+    """``(mode, why)``: the configured mode, or for ``auto`` reference when ``--lr`` is given or the sampled images
+    (up to 16, spread over the list; headers only) have a median short side of at least ``reference_min_lr`` x the
+    scale, so that their downscaled copies are still worth measuring; real otherwise."""
+    if cfg.mode != "auto":
+        return cfg.mode, "as asked"
+    if cfg.lr:
+        return "reference", "auto: --lr gives the LR images"
+    sample = uris[:: max(1, math.ceil(len(uris) / AUTO_SAMPLE))][:AUTO_SAMPLE]
+    sides = sorted(min(s) for s in (_header_size(u, cfg.fs_options()) for u in sample) if s)
+    need = cfg.reference_min_lr * cfg.scale
+    if not sides:
+        return "real", "auto: no readable image header to decide from"
+    median = sides[len(sides) // 2]
+    if median >= need:
+        return "reference", f"auto: the images' median short side is {median} px >= {need} px"
+    return "real", f"auto: the images' median short side is {median} px < {need} px ({cfg.reference_min_lr} px x{cfg.scale})"
+
+
+def _plan(cfg: CompareConfig) -> list[dict[str, Any]]:
+    from srbatch.evaluate import pair_images
+
+    so = cfg.fs_options()
+    hr = list_images(cfg.images, so)
+    pairs = pair_images(hr, list_images(cfg.lr, so) if cfg.lr else None)
+    return [{"image": key, "image_uri": h, "lr_uri": lr or ""} for key, h, lr in pairs]
+
+
+def _validate_models(cfg: CompareConfig) -> None:
+    from srbatch.models.loader import load_model
+
+    for spec in cfg.models:
+        desc = load_model(spec, scale=cfg.scale, storage_options=cfg.fs_options())
+        if desc.scale != cfg.scale:
+            raise ConfigError(f"--models {spec}: a x{desc.scale} model; compare it with --scale {desc.scale}")
+
+
+def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareResult:
+    """Run the comparison described by ``cfg``; print progress and the summary to ``stream`` (stdout)."""
+    stream = stream or sys.stdout
+    t0 = time.perf_counter()
+    items = _plan(cfg)
+    mode, why = choose_mode(cfg, [i["image_uri"] for i in items])
+    labels = model_labels(cfg.models)
+    _validate_models(cfg)
+    print(f"srbatch compare: {len(items)} image(s) x {len(labels)} model(s) ({', '.join(labels)}), x{cfg.scale}, "
+          f"mode {mode} ({why})", file=stream, flush=True)  # fmt: skip
+    out = cfg.output.rstrip("/")
+    for i, it in enumerate(items):
+        it["n"] = i
+    res = CompareResult(output=out, mode=mode, models=labels)
+    from srbatch.job.runner import ensure_ray
+
+    started = ensure_ray(cfg)
+    try:
+        res.rows = _run_models(cfg, items, labels, mode)
+        res.parquet = _write_parquet(cfg, res.rows)
+        res.report, res.shown = _write_report(cfg, items, res.rows, labels, mode, why)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    res.seconds = time.perf_counter() - t0
+    print(res.summary(), file=stream, flush=True)
+    return res
+
+
+def _output_uri(cfg: CompareConfig, model_index: int, label: str, item: dict[str, Any]) -> str:
+    return join_uri(cfg.output, "images", f"m{model_index + 1}-{_slug(label)}", f"{item['n']:04d}-{_slug(item['image'])}.png")
+
+
+def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[str], mode: str) -> list[dict[str, Any]]:
+    from types import SimpleNamespace
+
+    from srbatch.job.runner import resources_for
+
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from tqdm import tqdm
+
+    rows: list[dict[str, Any]] = []
+    pool = SimpleNamespace(**{k: getattr(cfg, k) for k in ("actors", "gpus_per_actor", "cpus_per_actor",
+                                                           "torch_threads")}, max_actors=None)  # fmt: skip
+    rs = resources_for(pool, ray.cluster_resources())  # type: ignore[arg-type]
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    if not log.isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    remote_args: dict[str, Any] = {"num_cpus": rs["cpus_per_actor"]}
+    if rs["gpus_per_actor"] > 0:
+        remote_args["num_gpus"] = rs["gpus_per_actor"]
+    bar = tqdm(total=len(items) * len(labels), unit="img", file=sys.stderr, disable=not cfg.progress,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="compare")  # fmt: skip
+    with bar:
+        for m, label in enumerate(labels):
+            todo = [{**it, "output_uri": _output_uri(cfg, m, label, it)} for it in items]
+            pending = {it["image"]: it for it in todo}
+            blocks = max(1, min(len(todo), math.ceil(len(todo) / cfg.batch_size)))
+            ds = ray.data.from_items(
+                [{k: it[k] for k in ("image", "image_uri", "lr_uri", "output_uri")} for it in todo],
+                override_num_blocks=blocks,
+            ).map_batches(
+                CompareWorker,
+                fn_constructor_kwargs={"config": cfg.model_dump(), "model": m, "label": label, "mode": mode,
+                                       "torch_threads": rs["torch_threads"]},  # fmt: skip
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(min_size=rs["actors"], max_size=rs["max_actors"]),
+                **remote_args,
+            )
+            bar.set_description(f"compare {label}")
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                for row in batch.to_pylist():
+                    if pending.pop(row["image"], None) is None:
+                        continue  # a retried batch's duplicate
+                    rows.append(row)
+                    bar.update(1)
+            for it in pending.values():  # never a missing row
+                rows.append(empty_row(image=it["image"], image_uri=it["image_uri"], lr_uri=it["lr_uri"] or None,
+                                      model=label, model_spec=cfg.models[m], scale=cfg.scale, mode=mode,
+                                      status="failed", error_type="LostResult",
+                                      error_message="the pipeline finished without a result; rerun"))  # fmt: skip
+    order = {lab: i for i, lab in enumerate(labels)}
+    rows.sort(key=lambda r: (r["image"], order[r["model"]]))
+    for r in rows:
+        r["lr_uri"] = r["lr_uri"] or None
+    return rows
+
+
+def _write_parquet(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), buf)
+    uri = join_uri(cfg.output, "comparison.parquet")
+    write_bytes(uri, buf.getvalue(), cfg.fs_options())
+    return uri
+
+
+def _panel_task(cfg_dump: dict[str, Any], item: dict[str, Any], outputs: dict[str, str], mode: str) -> Any:
+    """Ray task: read one image and its models' outputs, choose crops, write thumbnail and crops."""
+    from srbatch.compare.report import render_panel
+    from srbatch.compare.worker import load_input
+    from srbatch.io.images import decode_image
+    from srbatch.io.storage import read_bytes
+
+    cfg = CompareConfig.model_validate(cfg_dump)
+    so = cfg.fs_options()
+    lr, hr = load_input(cfg, item["image_uri"], item["lr_uri"] or None, mode, item["image"])
+    outs = {label: decode_image(read_bytes(uri, so), name=uri).pixels for label, uri in outputs.items()}
+
+    def write(rel: str, data: bytes) -> None:
+        write_bytes(join_uri(cfg.output, rel), data, so, content_type="image/png")
+
+    return render_panel(index=item["n"], image=item["image"], lr=lr.pixels, hr=hr, outputs=outs, scale=cfg.scale,
+                        crops=cfg.user_crops(), crop_size=cfg.crop_size, crops_per_image=cfg.crops_per_image,
+                        write=write)  # fmt: skip
+
+
+def _write_report(
+    cfg: CompareConfig, items: list[dict[str, Any]], rows: list[dict[str, Any]], labels: list[str], mode: str, why: str
+) -> tuple[str, int]:
+    from srbatch.compare.report import build_html
+    from srbatch.evaluate import CONVENTION
+    ok_outputs: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            ok_outputs.setdefault(r["image"], {})[r["model"]] = r["output_uri"]
+    shown = [it for it in items if it["image"] in ok_outputs][: cfg.max_report_images]
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(_panel_task)
+    refs = [task.remote(cfg.model_dump(), it, ok_outputs[it["image"]], mode) for it in shown]
+    panels = []
+    for it, ref in zip(shown, refs):
+        try:
+            panels.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - the report shows what it can
+            log.warning("report: no crops for %s: %s", it["image"], e)
+    convention = ("Reference mode: each image cropped to a multiple of the scale and downscaled with MATLAB bicubic "
+                  "(or the given LR); " + CONVENTION + ". Runtime: the model's upscaling time per image.")  # fmt: skip
+    page = build_html(
+        title=cfg.title or f"srbatch comparison x{cfg.scale}", rows=rows, models=labels, panels=panels,
+        scale=cfg.scale, mode=mode, mode_text=why, n_images=len(items), max_images=cfg.max_report_images,
+        convention=convention if mode == "reference" else "Real mode: no ground truth; pictures only.",
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )  # fmt: skip
+    uri = join_uri(cfg.output, "index.html")
+    write_bytes(uri, page.encode("utf-8"), cfg.fs_options(), content_type="text/html; charset=utf-8")
+    return uri, len(panels)
+

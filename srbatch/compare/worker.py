@@ -1,0 +1,164 @@
+"""The comparison job's Ray Data actor: one model loaded once, then each image of its batches upscaled, measured
+(reference mode) and written as PNG. One row per image; a broken image is a failed row, never a failed job."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from srbatch.compare.config import CompareConfig
+from srbatch.errors import SrbatchError
+
+__all__ = ["CompareWorker", "ROW_SCHEMA", "empty_row"]
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("lr_uri", pa.string()),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("model_spec", pa.string(), nullable=False),
+        pa.field("architecture", pa.string()),
+        pa.field("params", pa.int64()),
+        pa.field("scale", pa.int32()),
+        pa.field("mode", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("input_width", pa.int32()),
+        pa.field("input_height", pa.int32()),
+        pa.field("output_width", pa.int32()),
+        pa.field("output_height", pa.int32()),
+        pa.field("psnr_y", pa.float64()),
+        pa.field("ssim_y", pa.float64()),
+        pa.field("psnr_rgb", pa.float64()),
+        pa.field("ssim_rgb", pa.float64()),
+        pa.field("precision", pa.string()),
+        pa.field("runtime_s", pa.float64()),
+        pa.field("output_uri", pa.string()),
+        pa.field("device", pa.string()),
+    ]
+)
+"""Columns of ``comparison.parquet`` (one row per image x model). Metrics are null in real mode and on failure;
+``runtime_s`` is the model's upscaling time for the image (decode, measure and write excluded)."""
+
+
+def empty_row(**values: Any) -> dict[str, Any]:
+    """A row with every column present (None where not given)."""
+    row: dict[str, Any] = {f.name: None for f in ROW_SCHEMA}
+    row.update(values)
+    return row
+
+
+def load_input(cfg: CompareConfig, image_uri: str, lr_uri: str | None, mode: str, name: str) -> tuple[Any, Any]:
+    """Read and decode one comparison input: ``(LR image, HR pixels or None)`` — the exact pair `srbatch evaluate`
+    measures in reference mode, the image itself (alpha dropped) in real mode."""
+    from srbatch.evaluate import reference_pair
+    from srbatch.io.images import decode_image
+    from srbatch.io.storage import read_bytes
+
+    so = cfg.fs_options()
+    img = decode_image(read_bytes(image_uri, so), name=image_uri)
+    if mode == "real":
+        img.alpha = None
+        return img, None
+    lr = decode_image(read_bytes(lr_uri, so), name=lr_uri) if lr_uri else None
+    return reference_pair(img, lr, cfg.scale, name=name, hr_uri=image_uri, lr_uri=lr_uri)
+
+
+class CompareWorker:
+    """Callable class for ``Dataset.map_batches``: one instance per actor, one model per instance.
+
+    Args:
+        config: :meth:`CompareConfig.model_dump`.
+        model: index of the model in ``config["models"]``.
+        label: the model's name in the report and the Parquet.
+        mode: ``reference`` or ``real`` (resolved by the driver).
+        torch_threads: intra-op threads for CPU inference (None: torch's default).
+    """
+
+    def __init__(
+        self, config: dict[str, Any], model: int, label: str, mode: str, torch_threads: int | None = None
+    ) -> None:
+        import torch
+
+        from srbatch.inference import TilingConfig, Upscaler
+        from srbatch.models.loader import load_model
+
+        self.cfg = CompareConfig.model_validate(config)
+        self.spec, self.label, self.mode = self.cfg.models[model], label, mode
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = self.cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        t0 = time.perf_counter()
+        self.desc = load_model(self.spec, scale=self.cfg.scale, storage_options=self.cfg.fs_options())
+        self.params = sum(p.numel() for p in self.desc.module.parameters())
+        self.up = Upscaler(self.desc, device=device, dtype=self.cfg.dtype, tiling=TilingConfig(tile=self.cfg.tile))
+        self.device = str(self.up.device)
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="srbatch-compare-io")
+        print(f"srbatch compare actor (pid {os.getpid()}): {label} x{self.desc.scale} on {self.device}, loaded in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
+
+    def _one(self, image: str, image_uri: str, lr_uri: str | None, output_uri: str) -> tuple[dict[str, Any], Any]:
+        from srbatch.evaluate import upscale_and_measure
+
+        row = empty_row(
+            image=image, image_uri=image_uri, lr_uri=lr_uri, model=self.label, model_spec=self.spec,
+            architecture=self.desc.architecture, params=self.params, scale=self.cfg.scale, mode=self.mode,
+            status="failed", device=self.device,
+        )  # fmt: skip
+        try:
+            lr, hr = load_input(self.cfg, image_uri, lr_uri, self.mode, image)
+            row.update(input_width=lr.width, input_height=lr.height)
+            if hr is not None:
+                m, sr, secs = upscale_and_measure(self.up, lr, hr, border=self.cfg.scale, precision=self.cfg.precision)
+                y_model = self.desc.color_space == "Y"
+                prec = self.cfg.precision if self.cfg.precision != "auto" else ("float" if y_model else "uint8")
+                row.update(psnr_y=m.psnr_y, ssim_y=m.ssim_y, psnr_rgb=m.psnr_rgb, ssim_rgb=m.ssim_rgb, precision=prec)
+            else:
+                t0 = time.perf_counter()
+                sr = self.up.upscale_image(lr).pixels
+                secs = time.perf_counter() - t0
+            row.update(runtime_s=secs, output_width=int(sr.shape[1]), output_height=int(sr.shape[0]))
+            return row, self.pool.submit(_write_png, sr, output_uri, self.cfg.fs_options())
+        except Exception as e:  # noqa: BLE001 - one broken image is one failed row
+            row.update(_error_fields(e))
+            return row, None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Process ``batch`` (columns ``image``, ``image_uri``, ``lr_uri``, ``output_uri``); one row per image."""
+        done = [
+            self._one(str(i), str(u), (str(lr) or None) if lr is not None else None, str(o))
+            for i, u, lr, o in zip(batch["image"], batch["image_uri"], batch["lr_uri"], batch["output_uri"])
+        ]
+        rows = []
+        for (row, fut), out_uri in zip(done, batch["output_uri"]):
+            if fut is not None:
+                try:
+                    fut.result()
+                    row.update(status="ok", output_uri=str(out_uri))
+                except Exception as e:  # noqa: BLE001
+                    row.update(_error_fields(e))
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def _write_png(pixels: np.ndarray, uri: str, storage_options: dict[str, Any]) -> None:
+    from srbatch.compare.report import png_bytes
+    from srbatch.io.storage import write_bytes
+
+    write_bytes(uri, png_bytes(pixels), storage_options, content_type="image/png")
+
+
+def _error_fields(e: BaseException) -> dict[str, str]:
+    msg = str(e) or repr(e)
+    if not isinstance(e, SrbatchError):
+        msg = f"unexpected {type(e).__name__}: {msg}"
+    return {"error_type": type(e).__name__, "error_message": msg[:2000]}
