@@ -77,7 +77,8 @@ class SRResNet(nn.Module):
     Args:
         scale: upscaling factor, a power of two (``log2(scale)`` upsample blocks). 1 is restoration at the same size
             (the training job's denoising models): no upsample block, and the network learns the residual that is
-            added to its input (DnCNN/VDSR residual learning), so an untrained model starts near the identity.
+            added to its input (DnCNN/VDSR residual learning); the last conv starts at zero, so an untrained model is
+            the identity.
         num_in_ch, num_out_ch: image channels in and out.
         num_feat: feature channels (64 in the paper).
         num_block: residual blocks (16 in the paper, 5 in leftthomas/SRGAN).
@@ -116,6 +117,9 @@ class SRResNet(nn.Module):
         self.add_module(self._body_end, nn.BatchNorm2d(num_feat) if body_end == "bn" else nn.PReLU())
         self.upsample = nn.Sequential(*[_Upsample(num_feat) for _ in range(int(math.log2(scale)))])
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 9, padding=4)
+        if scale == 1:  # the residual starts at zero: an untrained restoration model is the identity
+            nn.init.zeros_(self.conv_last.weight)
+            nn.init.zeros_(self.conv_last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.prelu_first(self.conv_first(x))
