@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from srbatch.compare.config import CompareConfig
-from srbatch.errors import SrbatchError
+from srbatch.job.worker import _error_fields
 
 __all__ = ["CompareWorker", "ROW_SCHEMA", "empty_row"]
 
@@ -156,9 +156,3 @@ def _write_png(pixels: np.ndarray, uri: str, storage_options: dict[str, Any]) ->
 
     write_bytes(uri, png_bytes(pixels), storage_options, content_type="image/png")
 
-
-def _error_fields(e: BaseException) -> dict[str, str]:
-    msg = str(e) or repr(e)
-    if not isinstance(e, SrbatchError):
-        msg = f"unexpected {type(e).__name__}: {msg}"
-    return {"error_type": type(e).__name__, "error_message": msg[:2000]}
