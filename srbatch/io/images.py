@@ -133,6 +133,14 @@ def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = DEFAUL
             try:
                 im = _open_header(data)
             except UnidentifiedImageError:
+                brand = data[8:12] if data[4:8] == b"ftyp" else b""
+                if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"):
+                    kind = "AVIF" if brand.startswith(b"avi") else "HEIC/HEIF"
+                    raise ImageDecodeError(
+                        f"{name}: a {kind} image (brand {brand.decode()!r}), which this installation cannot decode; "
+                        "install the pillow-heif plugin (HEIC) or a Pillow built with AVIF support, or convert it to "
+                        "PNG/JPEG"
+                    ) from None
                 raise ImageDecodeError(
                     f"{name}: not an image or an unsupported format, or a corrupt header ({len(data):,} bytes "
                     f"starting {data[:8]!r}); expected PNG, JPEG, WebP, TIFF, GIF or another format Pillow reads"

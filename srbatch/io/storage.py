@@ -12,7 +12,8 @@ from fsspec.core import url_to_fs
 from srbatch.errors import StorageError
 
 IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".jfif"}
+    {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".jfif", ".avif",
+     ".heic", ".heif"}
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "read_bytes", "write_bytes", "join_uri", "filesystem"]
@@ -34,6 +35,12 @@ def _unstrip(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> str:
     return path
 
 
+def _hidden(part: str) -> bool:
+    # "." and "..", and names with backslashes ("..\\x.png"), are not hidden names but path tricks: they are listed,
+    # and the jobs refuse them with a row each
+    return part.startswith(".") and part not in (".", "..") and "\\" not in part
+
+
 def _is_image(path: str, extensions: frozenset[str]) -> bool:
     return posixpath.splitext(path)[1].lower() in extensions
 
@@ -47,7 +54,7 @@ def list_images(
     """Sorted URIs of the image files named by ``spec``: a file, a folder/prefix (recursive), or a glob.
 
     Globs follow fsspec (``**`` crosses folders). Hidden files and folders (``.`` prefix) and ``_manifest`` are skipped
-    when listing a folder. An empty result is an error that names the spec.
+    when listing a folder; ``.`` and ``..`` path parts are kept (the jobs refuse those keys, one row each). An empty result is an error that names the spec.
     """
     fs, path = filesystem(spec, storage_options)
     try:
@@ -62,7 +69,7 @@ def list_images(
             found = [
                 p
                 for p in found
-                if not any(part.startswith(".") or part == "_manifest" for part in p[len(base) :].split("/"))
+                if not any(_hidden(part) or part == "_manifest" for part in p[len(base) :].split("/"))
             ]
         else:
             raise StorageError(f"{spec!r} does not exist (no file, folder/prefix or glob match); check the path")
