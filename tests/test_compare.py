@@ -156,6 +156,7 @@ def test_reference_mode_on_s3_matches_evaluate_and_renders(ray_cluster, s3_bucke
     assert info["broken"] == [] and info["n"] == 4 * (1 + 2 * (1 + 3 + 1))  # thumb + 2 crops x (LR, 3 models, HR)
     assert info["svg"] == 3 and info["rows"] == 4
     assert "broken" in info["text"] and "Failures" in info["text"]
+    assert "Showing the first" not in info["text"]  # 5 images, limit 40: nothing held back (broken is in Failures)
 
 
 def test_real_mode_local_folder_user_crops_and_limits(ray_cluster, tmp_path):
@@ -176,7 +177,7 @@ def test_real_mode_local_folder_user_crops_and_limits(ray_cluster, tmp_path):
     assert crop.shape[:2] == (30, 40)
     assert not (out / "report" / "0000" / "crop2_lr.png").exists()
     page = (out / "index.html").read_text()
-    assert "Showing 2 of 4 images" in page and "fall outside this image" in page
+    assert "Showing the first 2 of 4 images" in page and "fall outside this image" in page
     info = _browser_check((out / "index.html").as_uri(), ARTIFACTS / "compare-real-local.png")
     assert info["title"] == "srbatch comparison x2" and info["broken"] == [] and info["n"] == 2 * (1 + 1 * (1 + 2))  # thumb + 1 crop x (LR, 2 models); no HR
     assert info["svg"] == 0  # no PSNR without ground truth

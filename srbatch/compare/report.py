@@ -249,7 +249,7 @@ All rows: <a href="comparison.parquet">comparison.parquet</a>.</p>
 </table>
 <p class="meta">{{ convention }}</p>
 {% if plot %}<h2>PSNR_Y against runtime</h2>{{ plot|safe }}{% endif %}
-{% if limited %}<p class="note">Showing {{ panels|length }} of {{ n_images }} images (--max-report-images {{ max_images }});
+{% if limited %}<p class="note">Showing the first {{ max_images }} of {{ n_images }} images (--max-report-images {{ max_images }});
 comparison.parquet has every image.</p>{% endif %}
 {% for p in panels %}<section class="image" id="img{{ loop.index }}">
 <h3>{{ p.image }} <span class="meta">{{ p.width }}x{{ p.height }} output</span></h3>
@@ -301,7 +301,7 @@ def build_html(
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(_TEMPLATE).render(
         title=title, summary=summary, best=best, reference=reference, models=list(models), panels=panels,
-        scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=len(panels) < n_images,
+        scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=n_images > max_images,
         max_images=max_images, plot=plot_svg(summary) if reference else "", per_image=per_image, failures=failures,
         devices=devices, created=created, version=__version__, convention=convention, crop_px=CROP_DISPLAY,
     )  # fmt: skip
