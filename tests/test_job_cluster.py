@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,19 +24,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _write_images(folder: Path, n: int) -> None:
@@ -76,50 +62,35 @@ def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
     assert "Ray GPU ids ['1'], CUDA_VISIBLE_DEVICES='1'" in out, out
 
 
+def _e2e_helpers():
+    """infra/local/e2e.py's Ray head helpers (one implementation of "a second Ray head on 127.0.0.1")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("srbatch_infra_e2e", ROOT / "infra" / "local" / "e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture
 def ray_head():
     """A separate Ray head (`ray start --head --block`) on 127.0.0.1 with its own ports and temp dir, in its own
     process group, so stopping it cannot touch the test session's cluster (`ray stop` would)."""
+    e2e = _e2e_helpers()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Unix socket paths must stay short
-    (gcs, dash, agent, agent_grpc, client, nm, om, metrics, rtenv) = _free_ports(9)
     env = dict(os.environ)
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rtenv}", "--min-worker-port=21000",
-        "--max-worker-port=21999", f"--temp-dir={temp}", "--disable-usage-stats",
-    ]  # fmt: skip
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    head = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)  # fmt: skip
-            if probe.returncode == 0:
-                break
-            if head.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"Ray head did not start: {(Path(temp) / 'head.log').read_text()[-3000:]}")
-            time.sleep(2)
+        try:
+            head, address = e2e.start_ray_head(temp, env, worker_ports="21000-21999")
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield address, env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
+        if head is not None:
+            e2e.stop(head)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from srbatch.errors import ConfigError
 from srbatch.job.config import (
-    _parse_kv,
     add_field_flags,
+    flag_overrides,
     fold_storage_options,
     load_model_config,
+    non_empty_location,
     redact,
 )
 
@@ -124,9 +125,7 @@ class CompareConfig(BaseModel):
     @field_validator("images", "output")
     @classmethod
     def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty; give a folder, glob or URI")
-        return v.strip()
+        return non_empty_location(v)
 
     @field_validator("crops")
     @classmethod
@@ -183,7 +182,4 @@ def build_parser(prog: str = "jobs/compare.py") -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """YAML first, then the flags that were given."""
-    given = {k: v for k, v in vars(args).items() if k in CompareConfig.model_fields}
-    if "storage_options" in given:
-        given["storage_options"] = _parse_kv(given["storage_options"] or [])
-    return load_compare_config(getattr(args, "config", None), given)
+    return load_compare_config(getattr(args, "config", None), flag_overrides(args, CompareConfig))

@@ -191,8 +191,6 @@ def _output_uri(cfg: CompareConfig, model_index: int, label: str, item: dict[str
 
 
 def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[str], mode: str) -> list[dict[str, Any]]:
-    from types import SimpleNamespace
-
     from srbatch.job.runner import resources_for
 
     import ray
@@ -200,9 +198,7 @@ def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[st
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
-    pool = SimpleNamespace(**{k: getattr(cfg, k) for k in ("actors", "gpus_per_actor", "cpus_per_actor",
-                                                           "torch_threads")}, max_actors=None)  # fmt: skip
-    rs = resources_for(pool, ray.cluster_resources())  # type: ignore[arg-type]
+    rs = resources_for(cfg, ray.cluster_resources())  # type: ignore[arg-type]
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

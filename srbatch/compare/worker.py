@@ -94,13 +94,13 @@ class CompareWorker:
         self.spec, self.label, self.mode = self.cfg.models[model], label, mode
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
         self.desc = load_model(self.spec, scale=self.cfg.scale, storage_options=self.cfg.fs_options())
         self.params = sum(p.numel() for p in self.desc.module.parameters())
-        self.up = Upscaler(self.desc, device=device, dtype=self.cfg.dtype, tiling=TilingConfig(tile=self.cfg.tile))
+        tiling = TilingConfig(tile=self.cfg.tile)
+        self.up = Upscaler(self.desc, device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling)
+        y_model = self.desc.color_space == "Y"  # the precision `upscale_and_measure` resolves "auto" to
+        self.precision = self.cfg.precision if self.cfg.precision != "auto" else ("float" if y_model else "uint8")
         self.device = str(self.up.device)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="srbatch-compare-io")
         print(f"srbatch compare actor (pid {os.getpid()}): {label} x{self.desc.scale} on {self.device}, loaded in "
@@ -119,9 +119,8 @@ class CompareWorker:
             row.update(input_width=lr.width, input_height=lr.height)
             if hr is not None:
                 m, sr, secs = upscale_and_measure(self.up, lr, hr, border=self.cfg.scale, precision=self.cfg.precision)
-                y_model = self.desc.color_space == "Y"
-                prec = self.cfg.precision if self.cfg.precision != "auto" else ("float" if y_model else "uint8")
-                row.update(psnr_y=m.psnr_y, ssim_y=m.ssim_y, psnr_rgb=m.psnr_rgb, ssim_rgb=m.ssim_rgb, precision=prec)
+                row.update(psnr_y=m.psnr_y, ssim_y=m.ssim_y, psnr_rgb=m.psnr_rgb, ssim_rgb=m.ssim_rgb,
+                           precision=self.precision)
             else:
                 t0 = time.perf_counter()
                 sr = self.up.upscale_image(lr).pixels

@@ -112,9 +112,7 @@ class UpscaleConfig(BaseModel):
     @field_validator("input", "output")
     @classmethod
     def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty; give a folder, glob or URI")
-        return v.strip()
+        return non_empty_location(v)
 
     @field_validator("run_id")
     @classmethod
@@ -306,13 +304,27 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
+def flag_overrides(args: argparse.Namespace, cls: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (parsed by :func:`add_field_flags`), ``--storage-option``
+    pairs turned into a mapping: the ``overrides`` of :func:`load_model_config`."""
+    given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+    if "storage_options" in given:
+        given["storage_options"] = _parse_kv(given["storage_options"] or [])
+    return given
+
+
+def non_empty_location(v: str) -> str:
+    """Validator body shared by the jobs' configs: a folder, glob or URI, stripped, never empty."""
+    if not v.strip():
+        raise ValueError("must not be empty; give a folder, glob or URI")
+    return v.strip()
+
+
 def config_from_args(args: argparse.Namespace) -> UpscaleConfig:
     """Build the config from parsed arguments: YAML first, then the flags that were given."""
-    given = {k: v for k, v in vars(args).items() if k in UpscaleConfig.model_fields}
+    given = flag_overrides(args, UpscaleConfig)
     if getattr(args, "positional_input", None):
         if "input" in given and given["input"] != args.positional_input:
             raise ConfigError("the input is given twice (INPUT and --input) with different values; keep one")
         given["input"] = args.positional_input
-    if "storage_options" in given:
-        given["storage_options"] = _parse_kv(given["storage_options"] or [])
     return load_config(getattr(args, "config", None), given)

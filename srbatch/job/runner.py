@@ -113,7 +113,7 @@ def resources_for(cfg: UpscaleConfig, cluster: dict[str, float]) -> dict[str, An
         actors = cfg.actors or 1
         cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else 1.0
         threads = cfg.torch_threads or max(1, int(cpus // actors))
-    max_actors = max(cfg.max_actors or actors, actors)
+    max_actors = max(getattr(cfg, "max_actors", None) or actors, actors)  # the comparison job has no max_actors
     return {"gpus_per_actor": gpa, "cpus_per_actor": cpa, "actors": actors, "max_actors": max_actors,
             "torch_threads": threads}  # fmt: skip
 

@@ -14,8 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from srbatch.errors import ConfigError
-from srbatch.job.config import _parse_kv, add_field_flags, fold_storage_options, load_model_config, redact
+from srbatch.job.config import (
+    add_field_flags,
+    flag_overrides,
+    fold_storage_options,
+    load_model_config,
+    non_empty_location,
+    redact,
+)
 
 __all__ = ["TrainConfig", "PRESETS", "RECIPES", "load_train_config", "build_parser", "train_config_from_args"]
 
@@ -210,9 +216,7 @@ class TrainConfig(BaseModel):
     @field_validator("data", "output")
     @classmethod
     def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty; give a folder, glob or URI")
-        return v.strip()
+        return non_empty_location(v)
 
     @field_validator("name")
     @classmethod
@@ -333,7 +337,4 @@ def build_parser(prog: str = "jobs/train.py") -> argparse.ArgumentParser:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Build the config from parsed arguments: preset, then YAML, then the flags that were given."""
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
-    if "storage_options" in given:
-        given["storage_options"] = _parse_kv(given["storage_options"] or [])
-    return load_train_config(getattr(args, "config", None), given)
+    return load_train_config(getattr(args, "config", None), flag_overrides(args, TrainConfig))
