@@ -38,8 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit --working-dir .`
 
-# Read when Ray is imported: a new single-machine cluster then binds every port to 127.0.0.1.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from srbatch.job.runner import ray_env_defaults  # noqa: E402
+
+ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
 
 log = logging.getLogger("srbatch.benchmark")
 

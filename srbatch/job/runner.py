@@ -17,7 +17,7 @@ from srbatch.job.plan import TMP_PREFIX, Plan, fingerprint, make_plan
 
 log = logging.getLogger("srbatch.job")
 
-__all__ = ["JobResult", "run_job", "ensure_ray", "resources_for"]
+__all__ = ["JobResult", "run_job", "ensure_ray", "ray_env_defaults", "resources_for"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -78,15 +78,29 @@ class JobResult:
         return "\n".join(lines)
 
 
+#: Ray's driver folds log lines that differ only in numbers into one "[repeated Nx across cluster]" line, printed
+#: seconds later or never (when the job ends first). Each actor's start-up line ("srbatch actor <id> (pid N): model
+#: ... on cuda:0 ...") names the device it got, so it is always printed in full.
+NEVER_DEDUP_LOG_REGEX = r"srbatch actor |__ray_testing_never_deduplicate__"
+
+
+def ray_env_defaults(*, local: bool = True) -> None:
+    """Set srbatch's defaults for environment variables Ray reads when it is imported (call before ``import ray``;
+    a variable already set wins): never fold the actors' start-up lines (:data:`NEVER_DEDUP_LOG_REGEX`), and, when
+    ``local``, bind a new single-machine cluster's ports to 127.0.0.1 (see ../shared/ENVIRONMENT.md) instead of the
+    machine's network address."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", NEVER_DEDUP_LOG_REGEX)
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def ensure_ray(cfg: Any, *, dashboard: bool = False) -> bool:
     """Connect to the cluster at ``cfg.ray_address``, ``$RAY_ADDRESS``, or start a local one on 127.0.0.1 (with the
     dashboard, on 127.0.0.1 too, when ``dashboard``: Ray Train's state queries need it). Returns True when this call
     started Ray (so the caller shuts it down)."""
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if not address and "ray" not in sys.modules:
-        # Read when Ray is imported: with it a new single-machine cluster binds every port to 127.0.0.1 (see
-        # ../shared/ENVIRONMENT.md); without it Ray listens on the machine's network address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" not in sys.modules:
+        ray_env_defaults(local=not address)
     import ray
 
     if ray.is_initialized():
