@@ -80,8 +80,9 @@ class JobResult:
 
 #: Ray's driver folds log lines that differ only in numbers into one "[repeated Nx across cluster]" line, printed
 #: seconds later or never (when the job ends first). Each actor's start-up line ("srbatch actor <id> (pid N): model
-#: ... on cuda:0 ...") names the device it got, so it is always printed in full.
-NEVER_DEDUP_LOG_REGEX = r"srbatch actor |__ray_testing_never_deduplicate__"
+#: ... on cuda:0 ...") names the device it got, and each training worker's lines (progress, resume, validation)
+#: carry its own step and figures, so those are always printed in full.
+NEVER_DEDUP_LOG_REGEX = r"srbatch actor |srbatch train: |__ray_testing_never_deduplicate__"
 
 
 def ray_env_defaults(*, local: bool = True) -> None:
