@@ -85,10 +85,10 @@ def ray_head():
     head = None
     try:
         try:
-            head, address = e2e.start_ray_head(temp, env, worker_ports="21000-21999")
+            head, address, gcs = e2e.start_ray_head(temp, env, worker_ports="21000-21999")
         except RuntimeError as e:
             pytest.fail(str(e))
-        yield address, env
+        yield address, env, gcs
     finally:
         if head is not None:
             e2e.stop(head)
@@ -98,7 +98,7 @@ def ray_head():
 def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
     import s3fs
 
-    address, env = ray_head
+    address, env, _ = ray_head
     fs = s3fs.S3FileSystem()
     rng = np.random.default_rng(11)
     for i in range(5):
@@ -132,6 +132,27 @@ def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
 
     rows = read_manifest(f"s3://{s3_bucket}/out/").to_pylist()
     assert len(rows) == 5 and {r["run_id"] for r in rows} == {"submitted"}
+    # the test session's own cluster is still alive
+    import ray
+
+    assert ray.get(ray.put("still here")) == "still here"
+
+
+def test_driver_joins_a_loopback_head_by_its_gcs_address(ray_cluster, ray_head, tmp_path):
+    """`jobs/upscale.py --ray-address 127.0.0.1:<port>` run on the head machine of a cluster started with
+    `--node-ip-address 127.0.0.1`: the driver joins it (Ray alone would rewrite 127.0.0.1 to the machine's network
+    address and wait for a GCS that is not there)."""
+    _, env, gcs = ray_head
+    env = {k: v for k, v in env.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    _write_images(tmp_path / "in", 3)
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/upscale.py"), "--input", str(tmp_path / "in"),
+                           "--output", str(tmp_path / "out"), "--scale", "2", "--no-progress", "--ray-address", gcs],
+                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"joining the Ray cluster at {gcs}" in out, out
+    assert "3 ok, 0 failed, 0 skipped" in out, out
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
     # the test session's own cluster is still alive
     import ray
 

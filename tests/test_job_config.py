@@ -12,7 +12,7 @@ import pytest
 from srbatch.errors import ConfigError
 from srbatch.job.config import UpscaleConfig, build_parser, config_from_args, load_config
 from srbatch.job.plan import fingerprint, input_root, output_key, relative_key
-from srbatch.job.runner import resources_for
+from srbatch.job.runner import is_loopback_address, resources_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,3 +117,13 @@ def test_actor_resources():
     assert (gpu["actors"], gpu["gpus_per_actor"], gpu["cpus_per_actor"]) == (4, 1.0, 0.5)
     half = resources_for(cfg.model_copy(update={"gpus_per_actor": 0.5, "max_actors": 10}), {"CPU": 8.0, "GPU": 2.0})
     assert (half["actors"], half["max_actors"]) == (4, 10)
+
+
+@pytest.mark.parametrize(
+    "address,loopback",
+    [("127.0.0.1:6379", True), ("localhost:6379", True), ("127.0.1.1:6379", True), ("ray://[::1]:10001", True),
+     ("http://127.0.0.1:8265", True), ("10.0.0.5:6379", False), ("auto", False), ("ray://head.svc:10001", False),
+     (None, False), ("", False)],
+)  # fmt: skip
+def test_loopback_addresses_are_recognised(address, loopback):
+    assert is_loopback_address(address) is loopback

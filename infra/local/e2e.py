@@ -58,10 +58,10 @@ def start_s3() -> tuple[object, dict[str, str]]:
     return server, env
 
 
-def start_ray_head(temp: str, env: dict[str, str], worker_ports: str = "22000-22999") -> tuple[subprocess.Popen, str]:
+def start_ray_head(temp: str, env: dict[str, str], worker_ports: str = "22000-22999") -> tuple[subprocess.Popen, str, str]:
     """`ray start --head --block` on 127.0.0.1 with its own ports (workers in ``worker_ports``) and temp dir, in its
-    own process group (stop it with :func:`stop`); returns the process and the address for `ray job submit`.
-    Also the test suite's second cluster (tests/test_job_cluster.py)."""
+    own process group (stop it with :func:`stop`); returns the process, the address for `ray job submit` and the GCS
+    address a driver joins (``--ray-address``). Also the test suite's second cluster (tests/test_job_cluster.py)."""
     gcs, dash, agent, agent_grpc, client, nm, om, metrics, rtenv = _free_ports(9)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -79,7 +79,7 @@ def start_ray_head(temp: str, env: dict[str, str], worker_ports: str = "22000-22
         probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
                                capture_output=True, text=True)  # fmt: skip
         if probe.returncode == 0:
-            return head, address
+            return head, address, f"127.0.0.1:{gcs}"
         if head.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the Ray head did not start: " + (Path(temp) / "head.log").read_text()[-3000:])
         time.sleep(2)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = sorted(p for p in Path(sample_images_dir()).iterdir() if p.suffix.lower() in (".png", ".jpg"))
         upload(fs, samples, "in")
         print(f"e2e: S3 server {s3env['AWS_ENDPOINT_URL']}, bucket {BUCKET}: {len(samples)} images under in/", flush=True)
-        head, address = start_ray_head(temp, env)
+        head, address, _ = start_ray_head(temp, env)
         print(f"e2e: Ray head on 127.0.0.1 (jobs API {address})", flush=True)
 
         start = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)

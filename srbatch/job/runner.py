@@ -17,7 +17,7 @@ from srbatch.job.plan import TMP_PREFIX, Plan, fingerprint, make_plan
 
 log = logging.getLogger("srbatch.job")
 
-__all__ = ["JobResult", "run_job", "ensure_ray", "ray_env_defaults", "resources_for"]
+__all__ = ["JobResult", "run_job", "ensure_ray", "is_loopback_address", "ray_env_defaults", "resources_for"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -85,13 +85,30 @@ class JobResult:
 NEVER_DEDUP_LOG_REGEX = r"srbatch actor |srbatch train: |__ray_testing_never_deduplicate__"
 
 
-def ray_env_defaults(*, local: bool = True) -> None:
+def is_loopback_address(address: str | None) -> bool:
+    """True for a Ray address on this machine's loopback interface (``127.0.0.1:6379``, ``localhost:6379``,
+    ``ray://[::1]:10001``, ``http://127.0.0.1:8265``)."""
+    if not address:
+        return False
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def ray_env_defaults(address: str | None = None) -> None:
     """Set srbatch's defaults for environment variables Ray reads when it is imported (call before ``import ray``;
-    a variable already set wins): never fold the actors' start-up lines (:data:`NEVER_DEDUP_LOG_REGEX`), and, when
-    ``local``, bind a new single-machine cluster's ports to 127.0.0.1 (see ../shared/ENVIRONMENT.md) instead of the
-    machine's network address."""
+    a variable already set wins).
+
+    - Never fold the actors' and training workers' own lines (:data:`NEVER_DEDUP_LOG_REGEX`).
+    - With no ``address`` (a new single-machine cluster), bind every port to 127.0.0.1 (see
+      ../shared/ENVIRONMENT.md) instead of the machine's network address. With a loopback ``address`` (a head
+      started with ``ray start --head --node-ip-address 127.0.0.1``), keep that address as given: otherwise Ray
+      rewrites 127.0.0.1 to the machine's network address, where such a head does not listen, and the driver
+      waits for the GCS forever.
+    """
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", NEVER_DEDUP_LOG_REGEX)
-    if local:
+    if not address or is_loopback_address(address):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -101,13 +118,13 @@ def ensure_ray(cfg: Any, *, dashboard: bool = False) -> bool:
     started Ray (so the caller shuts it down)."""
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if "ray" not in sys.modules:
-        ray_env_defaults(local=not address)
+        ray_env_defaults(address)
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        log.info("joining the Ray cluster at %s", address)
+        print(f"srbatch: joining the Ray cluster at {address}", file=sys.stderr, flush=True)
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
