@@ -189,3 +189,33 @@ def test_scale_1_restoration_trains_and_runs_in_the_upscale_job(ray_cluster, tmp
 
     with pytest.raises(ConfigError, match="--preset restoration"):
         load_train_config(None, {"data": "x/", "output": "y/", "scale": 1})
+
+
+def test_train_command_as_users_type_it_joins_a_running_cluster(ray_cluster, tmp_path):
+    """`python jobs/train.py ... --ray-address <head>` the way users run it on a cluster's head machine: it joins the
+    running cluster (here the test session's, on 127.0.0.1), prints each worker progress line once (Ray Train's
+    patched print used to show every line twice), and its exported folder is what the report names."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    out = tmp_path / "cli-x2"
+    cmd = [sys.executable, str(root / "jobs/train.py"), "--data", sample_images_dir(), "--output", str(out),
+           "--model", "espcn", "--scale", "2", "--crop-size", "32", "--batch-size", "4", "--steps", "4",
+           "--val-every", "2", "--log-every", "1", "--val-max-size", "64", "--workers", "1", "--ray-address", gcs]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert f"joining the Ray cluster at {gcs}" in log
+    for step in range(1, 5):
+        assert len(re.findall(rf"srbatch train: step {step}/4 loss", log)) == 1, log
+    assert len(re.findall(r"srbatch train: validation step 4: PSNR_Y", log)) == 1, log
+    assert "domain gain on 1 held-out image(s)" in log and f"load with --model {out}" in log
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["architecture"] == "espcn" and card["training"]["steps"] == 4
+    # the session's cluster is still alive
+    assert ray_cluster.get(ray_cluster.put(1)) == 1

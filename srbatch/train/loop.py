@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,6 +38,14 @@ CRASH_MARKER_ENV = "SRBATCH_TRAIN_CRASH_MARKER"
 
 
 # ----------------------------------------------------------------------------------------------- model construction
+
+
+def say(line: str) -> None:
+    """Print one line from a training worker, once. Ray Train patches ``print`` in its workers to log through the root
+    logger and, when ``sys.stdout`` is wrapped (as in Ray workers), to print as well: every line reached the driver
+    twice. Writing to the stream directly prints it once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def build_generator(cfg: TrainConfig, channels: int, storage_options: Mapping[str, Any] | None) -> ModelDescriptor:
@@ -203,7 +212,7 @@ def _maybe_crash(step: int, rank: int, world: int) -> None:
     ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60)
     with open(marker, "w") as f:
         f.write(f"worker {rank} crashed on purpose at step {step}\n")
-    print(f"srbatch train: fault injection: worker {rank} exits abruptly at step {step}", flush=True)
+    say(f"srbatch train: fault injection: worker {rank} exits abruptly at step {step}")
     os._exit(17)
 
 
@@ -269,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.update(saved["state"])
         state["restarts"] += 1
         if rank == 0:
-            print(f"srbatch train: resumed from step {state['step']} ({ckpt.path})", flush=True)
+            say(f"srbatch train: resumed from step {state['step']} ({ckpt.path})")
 
     # Each worker's crop stream is seeded by (seed, rank, first step): a resumed run draws new crops, reproducibly.
     sampler = CropSampler(images, scale=cfg.scale, crop_size=cfg.crop_size, degradation=degradation,
@@ -327,9 +336,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dt = time.perf_counter() - t_log
             eta = (cfg.steps - step) * dt / max(1, samples_log / (bs * world))
             extra = "".join(f" {k} {v:.4g}" for k, v in parts.items() if k != "loss")
-            print(f"srbatch train: step {step}/{cfg.steps} loss {np.mean(losses):.5f}{extra} "
-                  f"lr {sched_g.get_last_lr()[0]:.3g} {samples_log / dt:.1f} samples/s eta {eta:.0f} s",
-                  flush=True)  # fmt: skip
+            say(f"srbatch train: step {step}/{cfg.steps} loss {np.mean(losses):.5f}{extra} "
+                f"lr {sched_g.get_last_lr()[0]:.3g} {samples_log / dt:.1f} samples/s eta {eta:.0f} s")
 
         if step % cfg.val_every == 0 or step == cfg.steps:
             now = time.perf_counter()
@@ -371,7 +379,7 @@ def _print_val(when: str, v: Mapping[str, float], bicubic: Mapping[str, float] |
     if not v:
         return
     b = f" ({bicubic.get('label', 'bicubic')} {bicubic['psnr_y']:.2f} dB / {bicubic['ssim_y']:.4f})" if bicubic else ""
-    print(f"srbatch train: validation {when}: PSNR_Y {v['psnr_y']:.2f} dB SSIM_Y {v['ssim_y']:.4f}{b}", flush=True)
+    say(f"srbatch train: validation {when}: PSNR_Y {v['psnr_y']:.2f} dB SSIM_Y {v['ssim_y']:.4f}{b}")
 
 
 def _write_checkpoint(d: str, gen: nn.Module, opt_g: Any, sched_g: Any, ema: Any, gan: Any,
