@@ -73,10 +73,11 @@ def _e2e_helpers():
     return mod
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A separate Ray head (`ray start --head --block`) on 127.0.0.1 with its own ports and temp dir, in its own
-    process group, so stopping it cannot touch the test session's cluster (`ray stop` would)."""
+    process group, so stopping it cannot touch the test session's cluster (`ray stop` would). Shared by this module's
+    tests (starting a head takes most of a minute on 2 cores)."""
     e2e = _e2e_helpers()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Unix socket paths must stay short
     env = dict(os.environ)

@@ -86,8 +86,10 @@ def start_ray_head(temp: str, env: dict[str, str], worker_ports: str = "22000-22
 
 
 def stop(head: subprocess.Popen) -> None:
-    """Stop the head's whole process group (never `ray stop`, which would stop every Ray on the machine)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """Stop the head's whole process group (never `ray stop`, which would stop every Ray on the machine). SIGINT
+    first: `ray start --block` stops its processes and exits on it within seconds, while on SIGTERM it stops them
+    but itself stays blocked."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(head.pid, sig)
         except ProcessLookupError:
