@@ -31,6 +31,16 @@ CONVENTION = (
     "SSIM Gaussian 11x11 sigma 1.5 (Wang et al.); LR made with MATLAB bicubic when not given"
 )
 PRECISION_MODES = ("auto", "uint8", "float")
+
+
+def resolve_precision(precision: str, desc: ModelDescriptor) -> str:
+    """The measuring pipeline for ``desc`` at ``precision`` (one of :data:`PRECISION_MODES`): ``auto`` is ``float``
+    for Y-channel models (their own float Y output, as their authors measured) and ``uint8`` for the rest."""
+    if precision not in PRECISION_MODES:
+        raise ConfigError(f"precision must be one of {PRECISION_MODES}; got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "float" if desc.color_space == "Y" else "uint8"
 """How the SR output is measured. ``uint8``: the SR image rounded to its bit depth, Y rounded as MATLAB does for uint8
 (the SelfExSR/MATLAB benchmark pipeline). ``float``: Y-channel models are measured on their own float Y output against
 the float Y of HR, nothing rounded (the pipeline of the Y-only PyTorch releases such as twtygqyy's VDSR). ``auto``:
@@ -200,10 +210,7 @@ def evaluate(
     if desc.scale != scale:
         raise ConfigError(f"model {desc.name} is x{desc.scale}; evaluate it with --scale {desc.scale}")
     border = scale if crop_border is None else int(crop_border)
-    if precision not in PRECISION_MODES:
-        raise ConfigError(f"precision must be one of {PRECISION_MODES}; got {precision!r}")
-    y_model = desc.color_space == "Y"
-    mode = ("float" if y_model else "uint8") if precision == "auto" else precision
+    mode = resolve_precision(precision, desc)
     pairs = pair_images(
         list_images(hr, storage_options), list_images(lr, storage_options) if lr is not None else None
     )
@@ -258,11 +265,10 @@ def upscale_and_measure(
     """Upscale ``lr_img`` (a :class:`~srbatch.io.images.DecodedImage` without alpha) with the
     :class:`~srbatch.inference.Upscaler` ``up`` and measure it against ``hr`` (same size as the output) in the paper
     convention at ``precision`` (one of :data:`PRECISION_MODES`). Returns the figures, the SR pixels (HWC, the
-    image's integer type) and the seconds the upscaling itself took. :func:`evaluate` and the comparison job measure through this one function."""
-    if precision not in PRECISION_MODES:
-        raise ConfigError(f"precision must be one of {PRECISION_MODES}; got {precision!r}")
+    image's integer type) and the seconds the upscaling itself took. :func:`evaluate` and the comparison job measure
+    through this one function."""
+    mode = resolve_precision(precision, up.descriptor)
     y_model = up.descriptor.color_space == "Y"
-    mode = ("float" if y_model else "uint8") if precision == "auto" else precision
     if mode == "float" and y_model and hr.shape[2] == 3 and hr.dtype == np.uint8 and lr_img.pixels.shape[2] == 3:
         return _measure_y_float(up, lr_img.pixels, hr, border)
     t0 = time.perf_counter()

@@ -58,18 +58,20 @@ def start_s3() -> tuple[object, dict[str, str]]:
     return server, env
 
 
-def start_ray_head(temp: str, env: dict[str, str], worker_ports: str = "22000-22999") -> tuple[subprocess.Popen, str, str]:
+def start_ray_head(
+    temp: str, env: dict[str, str], worker_ports: str = "22000-22999"
+) -> tuple[subprocess.Popen, str, str]:
     """`ray start --head --block` on 127.0.0.1 with its own ports (workers in ``worker_ports``) and temp dir, in its
     own process group (stop it with :func:`stop`); returns the process, the address for `ray job submit` and the GCS
     address a driver joins (``--ray-address``). Also the test suite's second cluster (tests/test_job_cluster.py)."""
     gcs, dash, agent, agent_grpc, client, nm, om, metrics, rtenv = _free_ports(9)
+    low, high = worker_ports.split("-")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
            f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={rtenv}", f"--min-worker-port={worker_ports.split('-')[0]}",
-           f"--max-worker-port={worker_ports.split('-')[1]}",
+           f"--runtime-env-agent-port={rtenv}", f"--min-worker-port={low}", f"--max-worker-port={high}",
            f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
     log = open(Path(temp) / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from srbatch.compare.config import CompareConfig
-from srbatch.job.worker import _error_fields
+from srbatch.job.worker import error_fields
 
 __all__ = ["CompareWorker", "ROW_SCHEMA", "empty_row"]
 
@@ -87,6 +87,7 @@ class CompareWorker:
     ) -> None:
         import torch
 
+        from srbatch.evaluate import resolve_precision
         from srbatch.inference import TilingConfig, Upscaler
         from srbatch.models.loader import load_model
 
@@ -99,8 +100,7 @@ class CompareWorker:
         self.params = sum(p.numel() for p in self.desc.module.parameters())
         tiling = TilingConfig(tile=self.cfg.tile)
         self.up = Upscaler(self.desc, device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling)
-        y_model = self.desc.color_space == "Y"  # the precision `upscale_and_measure` resolves "auto" to
-        self.precision = self.cfg.precision if self.cfg.precision != "auto" else ("float" if y_model else "uint8")
+        self.precision = resolve_precision(self.cfg.precision, self.desc)  # as `upscale_and_measure` resolves it
         self.device = str(self.up.device)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="srbatch-compare-io")
         print(f"srbatch compare actor (pid {os.getpid()}): {label} x{self.desc.scale} on {self.device}, loaded in "
@@ -128,7 +128,7 @@ class CompareWorker:
             row.update(runtime_s=secs, output_width=int(sr.shape[1]), output_height=int(sr.shape[0]))
             return row, self.pool.submit(_write_png, sr, output_uri, self.cfg.fs_options())
         except Exception as e:  # noqa: BLE001 - one broken image is one failed row
-            row.update(_error_fields(e))
+            row.update(error_fields(e))
             return row, None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -144,7 +144,7 @@ class CompareWorker:
                     fut.result()
                     row.update(status="ok", output_uri=str(out_uri))
                 except Exception as e:  # noqa: BLE001
-                    row.update(_error_fields(e))
+                    row.update(error_fields(e))
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 

@@ -54,7 +54,8 @@ def list_images(
     """Sorted URIs of the image files named by ``spec``: a file, a folder/prefix (recursive), or a glob.
 
     Globs follow fsspec (``**`` crosses folders). Hidden files and folders (``.`` prefix) and ``_manifest`` are skipped
-    when listing a folder; ``.`` and ``..`` path parts are kept (the jobs refuse those keys, one row each). An empty result is an error that names the spec.
+    when listing a folder; ``.`` and ``..`` path parts are kept (the jobs refuse those keys, one row each). An empty
+    result is an error that names the spec.
     """
     fs, path = filesystem(spec, storage_options)
     try:

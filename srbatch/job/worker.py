@@ -25,7 +25,7 @@ from srbatch.job.plan import TMP_PREFIX
 
 log = logging.getLogger("srbatch.job.worker")
 
-__all__ = ["UpscaleWorker", "image_mode", "put_atomic"]
+__all__ = ["UpscaleWorker", "error_fields", "image_mode", "put_atomic"]
 
 
 def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
@@ -55,7 +55,9 @@ def put_atomic(fs: Any, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def _error_fields(e: BaseException) -> dict[str, str]:
+def error_fields(e: BaseException) -> dict[str, str]:
+    """A manifest row's ``error_type`` and ``error_message`` for ``e`` (capped at 2,000 characters); an exception that
+    is not one of srbatch's own is marked "unexpected". Shared by the upscale and comparison actors."""
     name = type(e).__name__
     msg = str(e) or repr(e)
     if not isinstance(e, SrbatchError):
@@ -214,14 +216,14 @@ class UpscaleWorker:
                 uploads[i] = self.pool.submit(self._encode_and_write, out, out_uri, row)
                 del out
             except Exception as e:  # noqa: BLE001 - one broken image is one failed row
-                row.update(_error_fields(e), output_uri=None)
+                row.update(error_fields(e), output_uri=None)
         for row, fut in zip(rows, uploads):
             if fut is not None:
                 try:
                     fut.result()
                     row["status"] = "ok"
                 except Exception as e:  # noqa: BLE001
-                    row.update(_error_fields(e), output_uri=None)
+                    row.update(error_fields(e), output_uri=None)
             row["total_s"] = sum(row[k] or 0.0 for k in ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))
             row["finished_at"] = empty_row()["finished_at"]
         return to_table(rows)

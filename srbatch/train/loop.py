@@ -37,15 +37,15 @@ CRASH_MARKER_ENV = "SRBATCH_TRAIN_CRASH_MARKER"
 """...once: the crash creates this local file first and does not happen again while it exists."""
 
 
-# ----------------------------------------------------------------------------------------------- model construction
-
-
 def say(line: str) -> None:
     """Print one line from a training worker, once. Ray Train patches ``print`` in its workers to log through the root
     logger and, when ``sys.stdout`` is wrapped (as in Ray workers), to print as well: every line reached the driver
     twice. Writing to the stream directly prints it once."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------- model construction
 
 
 def build_generator(cfg: TrainConfig, channels: int, storage_options: Mapping[str, Any] | None) -> ModelDescriptor:
