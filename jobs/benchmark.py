@@ -2,7 +2,7 @@
 
 (a) bare: the model loaded once, every image already decoded into a tensor in memory on the device (in the model's
     channel space), one warm-up forward, then ``Upscaler.upscale_tensor`` timed over all images, one at a time.
-(b) end-to-end: :func:`srbatch.job.run_job` on the same image files through Ray Data and object storage (a local S3
+(b) end-to-end: :func:`srbatch.upscale.run_job` on the same image files through Ray Data and object storage (a local S3
     server by default): read, decode, upscale, encode, upload, manifest.
 
 Both figures are printed with their ratio (end-to-end / bare). Nothing is hard-coded: every number is measured.
@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit --working-dir .`
 
-from srbatch.job.runner import ray_env_defaults  # noqa: E402
+from srbatch.upscale.runner import ray_env_defaults  # noqa: E402
 
 ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
 
@@ -410,8 +410,8 @@ def end_to_end(model: str, store: Storage, n_expected: int, args: argparse.Names
     """Run the upscale job on the benchmark's inputs and read its manifest."""
     import ray
 
-    from srbatch.job import UpscaleConfig, read_manifest, run_job
-    from srbatch.job.runner import resources_for
+    from srbatch.upscale import UpscaleConfig, read_manifest, run_job
+    from srbatch.upscale.runner import resources_for
 
     run_id = f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     output = store.uri("out", run_id)

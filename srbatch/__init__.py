@@ -44,10 +44,10 @@ _LAZY = {
     "psnr": "srbatch.metrics.quality",
     "ssim": "srbatch.metrics.quality",
     "imresize": "srbatch.metrics.resize",
-    "UpscaleConfig": "srbatch.job.config",
-    "run_job": "srbatch.job.runner",
-    "JobResult": "srbatch.job.runner",
-    "read_manifest": "srbatch.job.manifest",
+    "UpscaleConfig": "srbatch.upscale.config",
+    "run_job": "srbatch.upscale.runner",
+    "JobResult": "srbatch.upscale.runner",
+    "read_manifest": "srbatch.upscale.manifest",
 }
 
 __all__ = [
@@ -78,9 +78,9 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from srbatch.evaluate import evaluate
     from srbatch.inference import TilingConfig, Upscaler
-    from srbatch.job.config import UpscaleConfig
-    from srbatch.job.manifest import read_manifest
-    from srbatch.job.runner import JobResult, run_job
+    from srbatch.upscale.config import UpscaleConfig
+    from srbatch.upscale.manifest import read_manifest
+    from srbatch.upscale.runner import JobResult, run_job
     from srbatch.io.images import DecodedImage, decode_image, encode_image
     from srbatch.metrics.quality import psnr, ssim
     from srbatch.metrics.resize import imresize

@@ -1,4 +1,4 @@
-"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.job`), ``compare``
+"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.upscale`), ``compare``
 (:mod:`srbatch.compare`), ``train`` (the Ray Train job of :mod:`srbatch.train`)."""
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``srbatch`` console script. Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "upscale":  # the job has its own parser (one flag per config field)
-        from srbatch.job import main as job_main
+        from srbatch.upscale import main as job_main
 
         return job_main(argv[1:], prog="srbatch upscale")
     if argv and argv[0] == "compare":

@@ -51,7 +51,7 @@ def _s3():
 
 
 def _manifest_rows(output: str, **so) -> list[dict]:
-    from srbatch.job import read_manifest
+    from srbatch.upscale import read_manifest
 
     t = read_manifest(output, so or None)
     return [] if t is None else t.to_pylist()
@@ -63,7 +63,7 @@ def _manifest_rows(output: str, **so) -> list[dict]:
 def test_actor_killed_mid_batch_every_input_exactly_one_ok_row(ray_cluster, s3_bucket):
     from ray._private import state as ray_state
 
-    from srbatch.job import UpscaleConfig, run_job
+    from srbatch.upscale import UpscaleConfig, run_job
 
     fs = _s3()
     rng = np.random.default_rng(1)
@@ -179,7 +179,7 @@ class FaultProxy:
 
 
 def test_storage_faults_are_retried_and_a_permanent_one_is_one_failed_row(ray_cluster, s3_server, s3_bucket):
-    from srbatch.job import UpscaleConfig, run_job
+    from srbatch.upscale import UpscaleConfig, run_job
 
     fs = _s3()
     rng = np.random.default_rng(2)
@@ -294,7 +294,7 @@ def _tiff16(px: np.ndarray) -> bytes:
 
 
 def test_bad_input_corpus_one_row_each_with_the_right_status(ray_cluster, tmp_path):
-    from srbatch.job import UpscaleConfig, run_job
+    from srbatch.upscale import UpscaleConfig, run_job
 
     src, out = tmp_path / "in", tmp_path / "out"
     exp = _corpus(src)
@@ -434,7 +434,7 @@ def test_malicious_and_broken_weights_are_refused(tmp_path):
 def test_hostile_keys_write_nothing_outside_the_output_prefix(ray_cluster, s3_bucket, tmp_path):
     import boto3
 
-    from srbatch.job import UpscaleConfig, run_job
+    from srbatch.upscale import UpscaleConfig, run_job
 
     s3 = boto3.client("s3")
     data = _png(np.random.default_rng(6), 16, 16)

@@ -184,8 +184,8 @@ def _entrypoints() -> list[tuple[str, str]]:
 def test_entrypoints_name_files_and_flags_that_exist() -> None:
     from srbatch.compare.config import build_parser as compare_parser
     from srbatch.compare.config import config_from_args as compare_cfg
-    from srbatch.job.config import build_parser as upscale_parser
-    from srbatch.job.config import config_from_args as upscale_cfg
+    from srbatch.upscale.config import build_parser as upscale_parser
+    from srbatch.upscale.config import config_from_args as upscale_cfg
     from srbatch.train.config import build_parser as train_parser
     from srbatch.train.config import train_config_from_args as train_cfg
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from srbatch.job import UpscaleConfig, read_manifest, run_job
-from srbatch.job.manifest import SCHEMA
+from srbatch.upscale import UpscaleConfig, read_manifest, run_job
+from srbatch.upscale.manifest import SCHEMA
 
 pytestmark = pytest.mark.slow
 

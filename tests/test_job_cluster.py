@@ -38,11 +38,11 @@ def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
     script = textwrap.dedent(
         """
         import json, os, sys
-        from srbatch.job.runner import ray_env_defaults
+        from srbatch.upscale.runner import ray_env_defaults
         ray_env_defaults()  # what the job's own entry points do before Ray is imported
         import ray
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)
-        from srbatch.job import UpscaleConfig, read_manifest, run_job
+        from srbatch.upscale import UpscaleConfig, read_manifest, run_job
         res = run_job(UpscaleConfig(input=sys.argv[1], output=sys.argv[2], scale=2, progress=False, batch_size=1))
         rows = read_manifest(sys.argv[2]).to_pylist()
         print("RESULT " + json.dumps({"exit": res.exit_code, "ok": res.ok, "devices": sorted({r["device"] for r in rows}),
@@ -129,7 +129,7 @@ def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
     fs.invalidate_cache()
     for i in range(5):
         assert Image.open(io.BytesIO(fs.cat_file(f"{s3_bucket}/out/set/{i}.png"))).size == (2 * (20 + i), 32)
-    from srbatch.job import read_manifest
+    from srbatch.upscale import read_manifest
 
     rows = read_manifest(f"s3://{s3_bucket}/out/").to_pylist()
     assert len(rows) == 5 and {r["run_id"] for r in rows} == {"submitted"}

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from srbatch.errors import ConfigError
-from srbatch.job.config import UpscaleConfig, build_parser, config_from_args, load_config
-from srbatch.job.plan import fingerprint, input_root, output_key, relative_key
-from srbatch.job.runner import is_loopback_address, resources_for
+from srbatch.upscale.config import UpscaleConfig, build_parser, config_from_args, load_config
+from srbatch.upscale.plan import fingerprint, input_root, output_key, relative_key
+from srbatch.upscale.runner import is_loopback_address, resources_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

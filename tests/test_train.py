@@ -99,7 +99,7 @@ def test_worker_failures_beyond_max_failures_fail_the_job(ray_cluster, tmp_path,
 
 
 def test_gan_stage_with_random_vgg_and_export_in_upscale_job(ray_cluster, tmp_path):
-    from srbatch.job import UpscaleConfig, read_manifest, run_job
+    from srbatch.upscale import UpscaleConfig, read_manifest, run_job
     from srbatch.train.gan import save_random_vgg19
 
     psnr = tmp_path / "psnr"
@@ -160,7 +160,7 @@ def test_scale_1_restoration_trains_and_runs_in_the_upscale_job(ray_cluster, tmp
     import numpy as np
     from PIL import Image
 
-    from srbatch.job import UpscaleConfig, read_manifest, run_job
+    from srbatch.upscale import UpscaleConfig, read_manifest, run_job
 
     out = tmp_path / "restore-x1"
     r = run_training(TrainConfig(data=sample_images_dir(), output=str(out), preset="restoration", steps=3, val_every=3,

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"e2e: added {len(added)} images under in/", flush=True)
         runs.append(submit(address, env, schedule[2], args.model, args.scale))
 
-        from srbatch.job import read_manifest
+        from srbatch.upscale import read_manifest
 
         rows = read_manifest(f"s3://{BUCKET}/out/").to_pylist()
         n = len(samples)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from srbatch.errors import ConfigError
-from srbatch.job.config import (
+from srbatch.upscale.config import (
     add_field_flags,
     flag_overrides,
     fold_storage_options,

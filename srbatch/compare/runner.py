@@ -169,7 +169,7 @@ def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareR
     for i, it in enumerate(items):
         it["n"] = i
     res = CompareResult(output=out, mode=mode, models=labels)
-    from srbatch.job.runner import ensure_ray
+    from srbatch.upscale.runner import ensure_ray
 
     started = ensure_ray(cfg)
     try:
@@ -191,7 +191,7 @@ def _output_uri(cfg: CompareConfig, model_index: int, label: str, item: dict[str
 
 
 def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[str], mode: str) -> list[dict[str, Any]]:
-    from srbatch.job.runner import resources_for
+    from srbatch.upscale.runner import resources_for
 
     import ray
     from ray.data import ActorPoolStrategy, DataContext

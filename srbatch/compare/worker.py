@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from srbatch.compare.config import CompareConfig
-from srbatch.job.worker import error_fields
+from srbatch.upscale.worker import error_fields
 
 __all__ = ["CompareWorker", "ROW_SCHEMA", "empty_row"]
 

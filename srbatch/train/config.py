@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from srbatch.job.config import (
+from srbatch.upscale.config import (
     add_field_flags,
     flag_overrides,
     fold_storage_options,

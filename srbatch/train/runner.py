@@ -122,9 +122,9 @@ def _existing_run(cfg: TrainConfig) -> bool:
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train as configured on the Ray cluster (:func:`srbatch.job.runner.ensure_ray`), export, and return the card."""
+    """Train as configured on the Ray cluster (:func:`srbatch.upscale.runner.ensure_ray`), export, and return the card."""
     from srbatch.io.storage import join_uri
-    from srbatch.job.runner import ensure_ray
+    from srbatch.upscale.runner import ensure_ray
     from srbatch.train.export import read_card
     from srbatch.train.loop import train_loop_per_worker
 

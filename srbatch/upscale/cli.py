@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from srbatch.errors import SrbatchError
-from srbatch.job.config import build_parser, config_from_args
-from srbatch.job.runner import EXIT_CONFIG, EXIT_INTERRUPTED, run_job
+from srbatch.upscale.config import build_parser, config_from_args
+from srbatch.upscale.runner import EXIT_CONFIG, EXIT_INTERRUPTED, run_job
 
 DEFAULT_OUTPUT = "srbatch-output/upscale"
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "jobs/upscale.py") ->
     try:
         cfg = config_from_args(args)
         if args.verbose:
-            logging.getLogger("srbatch.job").info("configuration: %s", json.dumps(cfg.redacted(), default=str))
+            logging.getLogger("srbatch.upscale").info("configuration: %s", json.dumps(cfg.redacted(), default=str))
         result = run_job(cfg)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

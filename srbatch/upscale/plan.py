@@ -13,8 +13,8 @@ from typing import Any
 
 from srbatch.errors import ConfigError, StorageError
 from srbatch.io.storage import filesystem, join_uri, list_images
-from srbatch.job.config import UpscaleConfig
-from srbatch.job.manifest import MANIFEST_DIR
+from srbatch.upscale.config import UpscaleConfig
+from srbatch.upscale.manifest import MANIFEST_DIR
 
 __all__ = ["Task", "Plan", "input_root", "relative_key", "output_key", "fingerprint", "make_plan"]
 

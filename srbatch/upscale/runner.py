@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from srbatch.job.config import UpscaleConfig
-from srbatch.job.manifest import ManifestWriter, empty_row, latest_rows, read_manifest, run_uri
-from srbatch.job.plan import TMP_PREFIX, Plan, fingerprint, make_plan
+from srbatch.upscale.config import UpscaleConfig
+from srbatch.upscale.manifest import ManifestWriter, empty_row, latest_rows, read_manifest, run_uri
+from srbatch.upscale.plan import TMP_PREFIX, Plan, fingerprint, make_plan
 
-log = logging.getLogger("srbatch.job")
+log = logging.getLogger("srbatch.upscale")
 
 __all__ = ["JobResult", "run_job", "ensure_ray", "is_loopback_address", "ray_env_defaults", "resources_for"]
 
@@ -277,7 +277,7 @@ def _run_pipeline(
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
 
-    from srbatch.job.worker import UpscaleWorker
+    from srbatch.upscale.worker import UpscaleWorker
 
     t0 = time.perf_counter()
     pending = {t.input_uri: t for t in plan.todo}

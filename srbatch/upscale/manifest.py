@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from srbatch.errors import StorageError
 from srbatch.io.storage import filesystem, join_uri
 
-log = logging.getLogger("srbatch.job")
+log = logging.getLogger("srbatch.upscale")
 
 MANIFEST_DIR = "_manifest"
 

@@ -3,10 +3,10 @@
 ``python jobs/upscale.py``, ``srbatch upscale`` and :func:`run_job` are the same job.
 """
 
-from srbatch.job.config import UpscaleConfig, build_parser, config_from_args, load_config
-from srbatch.job.manifest import SCHEMA as MANIFEST_SCHEMA
-from srbatch.job.manifest import read_manifest
-from srbatch.job.runner import JobResult, run_job
+from srbatch.upscale.config import UpscaleConfig, build_parser, config_from_args, load_config
+from srbatch.upscale.manifest import SCHEMA as MANIFEST_SCHEMA
+from srbatch.upscale.manifest import read_manifest
+from srbatch.upscale.runner import JobResult, run_job
 
 __all__ = [
     "UpscaleConfig",
@@ -23,6 +23,6 @@ __all__ = [
 
 def main(argv: list[str] | None = None, *, prog: str = "jobs/upscale.py") -> int:
     """Command-line entry of the job (used by ``jobs/upscale.py`` and ``srbatch upscale``); returns the exit code."""
-    from srbatch.job.cli import main as _main
+    from srbatch.upscale.cli import main as _main
 
     return _main(argv, prog=prog)

@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 
 from srbatch.errors import SrbatchError
-from srbatch.job.config import UpscaleConfig
-from srbatch.job.manifest import empty_row, to_table
-from srbatch.job.plan import TMP_PREFIX
+from srbatch.upscale.config import UpscaleConfig
+from srbatch.upscale.manifest import empty_row, to_table
+from srbatch.upscale.plan import TMP_PREFIX
 
-log = logging.getLogger("srbatch.job.worker")
+log = logging.getLogger("srbatch.upscale.worker")
 
 __all__ = ["UpscaleWorker", "error_fields", "image_mode", "put_atomic"]
 
