@@ -38,7 +38,7 @@ def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
     script = textwrap.dedent(
         """
         import json, os, sys
-        from srbatch.upscale.runner import ray_env_defaults
+        from srbatch.jobkit.cluster import ray_env_defaults
         ray_env_defaults()  # what the job's own entry points do before Ray is imported
         import ray
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False)

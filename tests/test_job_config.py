@@ -12,7 +12,8 @@ import pytest
 from srbatch.errors import ConfigError
 from srbatch.upscale.config import UpscaleConfig, build_parser, config_from_args, load_config
 from srbatch.upscale.plan import fingerprint, input_root, output_key, relative_key
-from srbatch.upscale.runner import is_loopback_address, resources_for
+from srbatch.jobkit.cluster import is_loopback_address
+from srbatch.jobkit.resources import ActorResources, plan_actors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,12 +112,21 @@ def test_fingerprint_changes_with_what_changes_the_bytes():
 
 def test_actor_resources():
     cfg = UpscaleConfig(input="a", output="b")
-    assert resources_for(cfg, {"CPU": 2.0}) == {"gpus_per_actor": 0.0, "cpus_per_actor": 1.0, "actors": 1,
-                                                "max_actors": 1, "torch_threads": 2}  # fmt: skip
-    gpu = resources_for(cfg, {"CPU": 16.0, "GPU": 4.0})
-    assert (gpu["actors"], gpu["gpus_per_actor"], gpu["cpus_per_actor"]) == (4, 1.0, 0.5)
-    half = resources_for(cfg.model_copy(update={"gpus_per_actor": 0.5, "max_actors": 10}), {"CPU": 8.0, "GPU": 2.0})
-    assert (half["actors"], half["max_actors"]) == (4, 10)
+    cpu = plan_actors(cfg, {"CPU": 2.0})
+    assert cpu == ActorResources(actors=1, max_actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0, torch_threads=2)
+    assert cpu.remote_args() == {"num_cpus": 1.0}
+    assert cpu.describe() == "1 actor(s), 0 GPU and 1 CPU each, 2 torch threads"
+    gpu = plan_actors(cfg, {"CPU": 16.0, "GPU": 4.0})
+    assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (4, 1.0, 0.5)
+    assert gpu.remote_args() == {"num_cpus": 0.5, "num_gpus": 1.0}
+    half = plan_actors(cfg.model_copy(update={"gpus_per_actor": 0.5, "max_actors": 10}), {"CPU": 8.0, "GPU": 2.0})
+    assert (half.actors, half.max_actors) == (4, 10)
+    assert half.describe() == "4-10 actor(s), 0.5 GPU and 0.5 CPU each"
+    # the comparison job sizes its pool the same way (one skeleton)
+    from srbatch.compare.config import CompareConfig
+
+    cmp = CompareConfig(images="a", models="bicubic", output="b")
+    assert plan_actors(cmp, {"CPU": 16.0, "GPU": 4.0}) == plan_actors(cfg, {"CPU": 16.0, "GPU": 4.0})
 
 
 @pytest.mark.parametrize(

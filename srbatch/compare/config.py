@@ -9,14 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from srbatch.errors import ConfigError
-from srbatch.upscale.config import (
-    add_field_flags,
-    flag_overrides,
-    fold_storage_options,
-    load_model_config,
-    non_empty_location,
-    redact,
-)
+from srbatch.jobkit.config import ActorPoolConfig, job_parser, load_model_config, non_empty_location
+from srbatch.jobkit.config import config_from_args as _config_from_args
 
 __all__ = ["CompareConfig", "Crop", "parse_crops", "build_parser", "config_from_args", "load_compare_config"]
 
@@ -52,10 +46,9 @@ def parse_crops(text: str) -> list[Crop]:
     return out
 
 
-class CompareConfig(BaseModel):
-    """Everything the comparison job needs. Frozen; unknown fields are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+class CompareConfig(ActorPoolConfig):
+    """Everything the comparison job needs. Frozen; unknown fields are errors. The actor pool (per model), storage and
+    Ray fields come from :class:`~srbatch.jobkit.config.ActorPoolConfig`."""
 
     images: str = Field(
         description="the images: a folder/prefix, a file or a glob such as 's3://bucket/samples/*.png' (quote it); "
@@ -98,18 +91,7 @@ class CompareConfig(BaseModel):
     tile: int | None = Field(0, ge=0, description="tile size in input pixels; 0: never tile (exact metrics)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype (CUDA only)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the actor sees a GPU")
-    actors: int | None = Field(None, ge=1, description="model actors per model; unset: one per GPU, or 1 on CPU")
-    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; unset: 1 with GPUs, else 0")
-    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs per actor; unset: 0.5 with GPUs, else 1")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; unset: CPUs / actors")
     batch_size: int = Field(2, ge=1, description="images handed to an actor per call")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options (KEY=VALUE, repeatable); credentials never logged"
-    )
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint [AWS_ENDPOINT_URL]")
-    anonymous: bool = Field(False, description="object storage without credentials (public buckets)")
-    ray_address: str | None = Field(None, description="Ray cluster; unset: $RAY_ADDRESS, else a new local cluster")
-    progress: bool = Field(True, description="show a progress bar on stderr")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -139,21 +121,14 @@ class CompareConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> CompareConfig:
+        self._check_pool()
         if self.lr and self.mode == "real":
             raise ValueError("--lr gives reference pairs; drop it or use --mode reference")
         return self
 
-    def fs_options(self) -> dict[str, Any]:
-        """fsspec storage options with ``endpoint_url`` and ``anonymous`` folded in."""
-        return fold_storage_options(self.storage_options, self.endpoint_url, self.anonymous)
-
     def user_crops(self) -> list[Crop] | None:
         """The ``--crops`` boxes, or None for ``auto``."""
         return None if self.crops == "auto" else parse_crops(self.crops)
-
-    def redacted(self) -> dict[str, Any]:
-        """The configuration with credential-like values masked (safe to log)."""
-        return redact(self.model_dump())
 
 
 def load_compare_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> CompareConfig:
@@ -163,8 +138,9 @@ def load_compare_config(path: str | None = None, overrides: dict[str, Any] | Non
 
 def build_parser(prog: str = "jobs/compare.py") -> argparse.ArgumentParser:
     """The comparison job's argument parser: one flag per :class:`CompareConfig` field, plus ``--config``."""
-    p = argparse.ArgumentParser(
-        prog=prog,
+    return job_parser(
+        prog,
+        CompareConfig,
         description="Compare super-resolution models on your own images, with pictures. Every model upscales every "
         "image on Ray actors (one model loaded once per actor); in reference mode each image is first downscaled "
         "with MATLAB bicubic and PSNR/SSIM are measured against it (the paper convention, as `srbatch evaluate`). "
@@ -173,13 +149,10 @@ def build_parser(prog: str = "jobs/compare.py") -> argparse.ArgumentParser:
         epilog="Every flag can also be set in the YAML file given with --config (field names with underscores). "
         "Exit codes: 0 done, 1 some image x model failed (see the Parquet's error columns), 2 configuration error, "
         "130 interrupted.",
+        short={"images": ["-i"], "output": ["-o"], "models": ["-m"]},
     )
-    p.add_argument("--config", "-c", metavar="YAML", help="YAML file (path or URI) with any of the fields below")
-    add_field_flags(p, CompareConfig, {"images": ["-i"], "output": ["-o"], "models": ["-m"]})
-    p.add_argument("-v", "--verbose", action="store_true", default=False, help="log decisions (INFO level)")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """YAML first, then the flags that were given."""
-    return load_compare_config(getattr(args, "config", None), flag_overrides(args, CompareConfig))
+    return _config_from_args(args, CompareConfig)

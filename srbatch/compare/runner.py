@@ -17,13 +17,13 @@ from typing import Any, TextIO
 from srbatch.compare.config import CompareConfig
 from srbatch.compare.worker import ROW_SCHEMA, CompareWorker, empty_row
 from srbatch.errors import ConfigError
+from srbatch.jobkit.cli import ExitCode
 from srbatch.io.storage import join_uri, list_images, write_bytes
 
 log = logging.getLogger("srbatch.compare")
 
 __all__ = ["CompareResult", "run_compare", "model_labels", "choose_mode"]
 
-EXIT_OK, EXIT_FAILED = 0, 1
 AUTO_SAMPLE = 16
 
 
@@ -48,7 +48,7 @@ class CompareResult:
     @property
     def exit_code(self) -> int:
         """0 when every image x model succeeded, 1 otherwise."""
-        return EXIT_FAILED if self.failed else EXIT_OK
+        return ExitCode.FAILED if self.failed else ExitCode.OK
 
     def table(self) -> str:
         """The mean-per-model table printed at the end."""
@@ -169,18 +169,12 @@ def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareR
     for i, it in enumerate(items):
         it["n"] = i
     res = CompareResult(output=out, mode=mode, models=labels)
-    from srbatch.upscale.runner import ensure_ray
+    from srbatch.jobkit.cluster import ray_session
 
-    started = ensure_ray(cfg)
-    try:
+    with ray_session(cfg):
         res.rows = _run_models(cfg, items, labels, mode)
         res.parquet = _write_parquet(cfg, res.rows)
         res.report, res.shown = _write_report(cfg, items, res.rows, labels, mode, why)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     res.seconds = time.perf_counter() - t0
     print(res.summary(), file=stream, flush=True)
     return res
@@ -191,53 +185,33 @@ def _output_uri(cfg: CompareConfig, model_index: int, label: str, item: dict[str
 
 
 def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[str], mode: str) -> list[dict[str, Any]]:
-    from srbatch.upscale.runner import resources_for
-
+    """Every model over every image, one model after another (each with the whole actor pool); one row per pair."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
-    from tqdm import tqdm
+
+    from srbatch.jobkit.pool import run_actor_pool
+    from srbatch.jobkit.resources import plan_actors
 
     rows: list[dict[str, Any]] = []
-    rs = resources_for(cfg, ray.cluster_resources())  # type: ignore[arg-type]
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = False
-    if not log.isEnabledFor(logging.INFO):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    remote_args: dict[str, Any] = {"num_cpus": rs["cpus_per_actor"]}
-    if rs["gpus_per_actor"] > 0:
-        remote_args["num_gpus"] = rs["gpus_per_actor"]
-    bar = tqdm(total=len(items) * len(labels), unit="img", file=sys.stderr, disable=not cfg.progress,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="compare")  # fmt: skip
-    with bar:
-        for m, label in enumerate(labels):
-            todo = [{**it, "output_uri": _output_uri(cfg, m, label, it)} for it in items]
-            pending = {it["image"]: it for it in todo}
-            blocks = max(1, min(len(todo), math.ceil(len(todo) / cfg.batch_size)))
-            ds = ray.data.from_items(
-                [{k: it[k] for k in ("image", "image_uri", "lr_uri", "output_uri")} for it in todo],
-                override_num_blocks=blocks,
-            ).map_batches(
-                CompareWorker,
-                fn_constructor_kwargs={"config": cfg.model_dump(), "model": m, "label": label, "mode": mode,
-                                       "torch_threads": rs["torch_threads"]},  # fmt: skip
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                compute=ActorPoolStrategy(min_size=rs["actors"], max_size=rs["max_actors"]),
-                **remote_args,
-            )
-            bar.set_description(f"compare {label}")
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                for row in batch.to_pylist():
-                    if pending.pop(row["image"], None) is None:
-                        continue  # a retried batch's duplicate
-                    rows.append(row)
-                    bar.update(1)
-            for it in pending.values():  # never a missing row
-                rows.append(empty_row(image=it["image"], image_uri=it["image_uri"], lr_uri=it["lr_uri"] or None,
-                                      model=label, model_spec=cfg.models[m], scale=cfg.scale, mode=mode,
-                                      status="failed", error_type="LostResult",
-                                      error_message="the pipeline finished without a result; rerun"))  # fmt: skip
+    rs = plan_actors(cfg, ray.cluster_resources())
+    for m, label in enumerate(labels):
+        run_actor_pool(
+            [{"image": it["image"], "image_uri": it["image_uri"], "lr_uri": it["lr_uri"],
+              "output_uri": _output_uri(cfg, m, label, it)} for it in items],  # fmt: skip
+            key="image",
+            actor=CompareWorker,
+            actor_kwargs={"config": cfg.model_dump(), "model": m, "label": label, "mode": mode},
+            resources=rs,
+            batch_size=cfg.batch_size,
+            on_row=rows.append,
+            lost_row=lambda it, error_type, message, m=m, label=label: empty_row(
+                image=it["image"], image_uri=it["image_uri"], lr_uri=it["lr_uri"] or None, model=label,
+                model_spec=cfg.models[m], scale=cfg.scale, mode=mode, status="failed", error_type=error_type,
+                error_message=message,
+            ),  # fmt: skip
+            progress=cfg.progress,
+            desc=f"compare {label}",
+            log=log,
+        )
     order = {lab: i for i, lab in enumerate(labels)}
     rows.sort(key=lambda r: (r["image"], order[r["model"]]))
     for r in rows:

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from srbatch.compare.config import CompareConfig
-from srbatch.upscale.worker import error_fields
+from srbatch.jobkit.actor import ModelActor, error_fields
 
 __all__ = ["CompareWorker", "ROW_SCHEMA", "empty_row"]
 
@@ -71,7 +69,7 @@ def load_input(cfg: CompareConfig, image_uri: str, lr_uri: str | None, mode: str
     return reference_pair(img, lr, cfg.scale, name=name, hr_uri=image_uri, lr_uri=lr_uri)
 
 
-class CompareWorker:
+class CompareWorker(ModelActor):
     """Callable class for ``Dataset.map_batches``: one instance per actor, one model per instance.
 
     Args:
@@ -82,29 +80,21 @@ class CompareWorker:
         torch_threads: intra-op threads for CPU inference (None: torch's default).
     """
 
+    job = "compare"
+
     def __init__(
         self, config: dict[str, Any], model: int, label: str, mode: str, torch_threads: int | None = None
     ) -> None:
-        import torch
-
         from srbatch.evaluate import resolve_precision
-        from srbatch.inference import TilingConfig, Upscaler
-        from srbatch.models.loader import load_model
+        from srbatch.inference import TilingConfig
 
         self.cfg = CompareConfig.model_validate(config)
         self.spec, self.label, self.mode = self.cfg.models[model], label, mode
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        t0 = time.perf_counter()
-        self.desc = load_model(self.spec, scale=self.cfg.scale, storage_options=self.cfg.fs_options())
+        self._start_model(self.spec, scale=self.cfg.scale, storage_options=self.cfg.fs_options(),
+                          device=self.cfg.device, dtype=self.cfg.dtype, tiling=TilingConfig(tile=self.cfg.tile),
+                          torch_threads=torch_threads, label=label)  # fmt: skip
         self.params = sum(p.numel() for p in self.desc.module.parameters())
-        tiling = TilingConfig(tile=self.cfg.tile)
-        self.up = Upscaler(self.desc, device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling)
         self.precision = resolve_precision(self.cfg.precision, self.desc)  # as `upscale_and_measure` resolves it
-        self.device = str(self.up.device)
-        self.pool = ThreadPoolExecutor(4, thread_name_prefix="srbatch-compare-io")
-        print(f"srbatch compare actor (pid {os.getpid()}): {label} x{self.desc.scale} on {self.device}, loaded in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
 
     def _one(self, image: str, image_uri: str, lr_uri: str | None, output_uri: str) -> tuple[dict[str, Any], Any]:
         from srbatch.evaluate import upscale_and_measure
@@ -139,12 +129,7 @@ class CompareWorker:
         ]
         rows = []
         for (row, fut), out_uri in zip(done, batch["output_uri"]):
-            if fut is not None:
-                try:
-                    fut.result()
-                    row.update(status="ok", output_uri=str(out_uri))
-                except Exception as e:  # noqa: BLE001
-                    row.update(error_fields(e))
+            self._settle(row, fut, output_uri=str(out_uri))
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 

@@ -12,16 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from srbatch.upscale.config import (
-    add_field_flags,
-    flag_overrides,
-    fold_storage_options,
-    load_model_config,
-    non_empty_location,
-    redact,
-)
+from srbatch.jobkit.config import JobConfig, job_parser, load_model_config, non_empty_location
+from srbatch.jobkit.config import config_from_args as _config_from_args
 
 __all__ = ["TrainConfig", "PRESETS", "RECIPES", "load_train_config", "build_parser", "train_config_from_args"]
 
@@ -115,10 +109,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 """The GAN stage's loss recipes, from the papers; ``--pixel-weight`` etc. override single terms."""
 
 
-class TrainConfig(BaseModel):
-    """Everything the training job needs. Frozen; unknown fields are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+class TrainConfig(JobConfig):
+    """Everything the training job needs. Frozen; unknown fields are errors. The storage and Ray fields come from
+    :class:`~srbatch.jobkit.config.JobConfig`."""
 
     data: str = Field(
         description="high-resolution training images: folder/prefix, file or glob, e.g. 's3://pets/hr/**/*.jpg'"
@@ -196,13 +189,6 @@ class TrainConfig(BaseModel):
     )
     name: str = Field("train", description="run name under --storage-path; the same name + --resume continues it")
     resume: bool = Field(False, description="continue the run --name from its latest checkpoint")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="fsspec storage options (KEY=VALUE, repeatable); credentials are best left to AWS_* variables",
-    )
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint [AWS_ENDPOINT_URL]")
-    anonymous: bool = Field(False, description="object storage without credentials")
-    ray_address: str | None = Field(None, description="Ray cluster to join; unset: $RAY_ADDRESS, else a local one")
 
     @model_validator(mode="before")
     @classmethod
@@ -299,14 +285,6 @@ class TrainConfig(BaseModel):
 
         return self.storage_path or join_uri(self.output, "_train")
 
-    def fs_options(self) -> dict[str, Any]:
-        """fsspec storage options, with ``endpoint_url`` and ``anonymous`` folded in."""
-        return fold_storage_options(self.storage_options, self.endpoint_url, self.anonymous)
-
-    def redacted(self) -> dict[str, Any]:
-        """The configuration with credential-like values masked (safe to log and to put in model cards)."""
-        return redact(self.model_dump())
-
 
 def load_train_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Read ``path`` (YAML; any fsspec URI) if given, apply ``overrides`` and validate (:class:`ConfigError`).
@@ -318,8 +296,9 @@ def load_train_config(path: str | Path | None = None, overrides: Mapping[str, An
 
 def build_parser(prog: str = "jobs/train.py") -> argparse.ArgumentParser:
     """The training job's argument parser: ``--config`` and one flag per :class:`TrainConfig` field."""
-    p = argparse.ArgumentParser(
-        prog=prog,
+    return job_parser(
+        prog,
+        TrainConfig,
         description="Train or fine-tune a super-resolution model for a domain on a Ray cluster (Ray Train, DDP on GPUs "
         "or CPUs). HR images are read from object storage, LR inputs synthesised on the fly (MATLAB-exact bicubic or a "
         "degradation pipeline), checkpoints kept under --storage-path, and the trained generator exported to --output "
@@ -328,13 +307,10 @@ def build_parser(prog: str = "jobs/train.py") -> argparse.ArgumentParser:
                                         for k, v in PRESETS.items())  # fmt: skip
         + ". Every flag can also be set in the YAML file given with --config; flags win over the file, the file over "
         "the preset. Exit codes: 0 done, 1 training failed, 2 configuration error, 130 interrupted.",
+        short={"data": ["-d"], "output": ["-o"], "model": ["-m"]},
     )
-    p.add_argument("--config", "-c", metavar="YAML", help="YAML file (path or URI) with any of the fields below")
-    add_field_flags(p, TrainConfig, {"data": ["-d"], "output": ["-o"], "model": ["-m"]})
-    p.add_argument("-v", "--verbose", action="store_true", default=False, help="log decisions (INFO level)")
-    return p
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Build the config from parsed arguments: preset, then YAML, then the flags that were given."""
-    return load_train_config(getattr(args, "config", None), flag_overrides(args, TrainConfig))
+    return _config_from_args(args, TrainConfig)

@@ -122,9 +122,10 @@ def _existing_run(cfg: TrainConfig) -> bool:
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train as configured on the Ray cluster (:func:`srbatch.upscale.runner.ensure_ray`), export, and return the card."""
+    """Train as configured on the Ray cluster (:func:`srbatch.jobkit.cluster.ray_session`), export, and return the
+    card."""
     from srbatch.io.storage import join_uri
-    from srbatch.upscale.runner import ensure_ray
+    from srbatch.jobkit.cluster import ray_session
     from srbatch.train.export import read_card
     from srbatch.train.loop import train_loop_per_worker
 
@@ -144,9 +145,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     print(f"srbatch train: {len(plan['train'])} training and {len(plan['val'])} validation image(s) from {cfg.data}; "
           f"{plan['channels']} channel(s); checkpoints at {run_path}", flush=True)  # fmt: skip
 
-    started = ensure_ray(cfg, dashboard=True)
-    try:
-        import ray
+    with ray_session(cfg, dashboard=True) as ray:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -182,11 +181,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         if getattr(result, "error", None):
             raise TrainingError(f"training failed: {result.error}; rerun with --resume to continue from {run_path}")
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     card = read_card(cfg.output, cfg.fs_options())
     return TrainResult(output=cfg.output, run_path=run_path, card=card, seconds=time.perf_counter() - t0,
                        checkpoint=ckpt)  # fmt: skip

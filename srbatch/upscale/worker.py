@@ -7,25 +7,23 @@ rows come out through Ray's object store. Every exception of one image becomes t
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from srbatch.errors import SrbatchError
+from srbatch.jobkit.actor import ModelActor, error_fields
 from srbatch.upscale.config import UpscaleConfig
 from srbatch.upscale.manifest import empty_row, to_table
 from srbatch.upscale.plan import TMP_PREFIX
 
-log = logging.getLogger("srbatch.upscale.worker")
-
-__all__ = ["UpscaleWorker", "error_fields", "image_mode", "put_atomic"]
+__all__ = ["UpscaleWorker", "image_mode", "put_atomic"]
 
 
 def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
@@ -55,17 +53,7 @@ def put_atomic(fs: Any, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def error_fields(e: BaseException) -> dict[str, str]:
-    """A manifest row's ``error_type`` and ``error_message`` for ``e`` (capped at 2,000 characters); an exception that
-    is not one of srbatch's own is marked "unexpected". Shared by the upscale and comparison actors."""
-    name = type(e).__name__
-    msg = str(e) or repr(e)
-    if not isinstance(e, SrbatchError):
-        msg = f"unexpected {name}: {msg}"
-    return {"error_type": name, "error_message": msg[:2000]}
-
-
-class UpscaleWorker:
+class UpscaleWorker(ModelActor):
     """Callable class for ``Dataset.map_batches``: one instance per actor, one model per instance.
 
     Args:
@@ -74,40 +62,24 @@ class UpscaleWorker:
         torch_threads: intra-op threads for CPU inference (None: leave torch's default).
     """
 
-    def __init__(self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None) -> None:
-        import torch
+    job = "upscale"
 
-        from srbatch.inference import TilingConfig, Upscaler
-        from srbatch.models.loader import load_model
+    def __init__(self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None) -> None:
+        from srbatch.inference import TilingConfig
 
         self.cfg = UpscaleConfig.model_validate(config)
         self.fingerprint = fingerprint
         self.so = self.cfg.fs_options()
-        self.actor_id, self.gpu_ids = _ray_identity()
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        t0 = time.perf_counter()
-        desc = load_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so)
         overlap = self.cfg.tile_overlap
-        if overlap is None:
-            overlap = min(desc.info.receptive_halo or 0, 32)
-        tiling = TilingConfig(tile=self.cfg.tile, overlap=overlap)
-        self.up = Upscaler(desc, device=device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale)
+
+        def tiling(desc: Any) -> TilingConfig:  # unset overlap: the model's receptive halo, capped at 32
+            return TilingConfig(tile=self.cfg.tile, overlap=min(desc.info.receptive_halo or 0, 32) if overlap is None
+                                else overlap)  # fmt: skip
+
+        self._start_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so,
+                          device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
+                          torch_threads=torch_threads, io_threads=self.cfg.io_threads)  # fmt: skip
         self.ref_up = None
-        self.desc = desc
-        self.device = str(self.up.device)
-        self.pool = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="srbatch-io")
-        msg = (
-            f"srbatch actor {self.actor_id[:12]} (pid {os.getpid()}): model {desc.name or desc.architecture} "
-            f"x{desc.scale} on {self.device} ({str(self.up.dtype).removeprefix('torch.')}, "
-            f"Ray GPU ids {self.gpu_ids or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
-            f", torch threads {torch.get_num_threads()}), loaded in {time.perf_counter() - t0:.1f} s"
-        )
-        print(msg, flush=True)
-        log.info(msg)
 
     # -------------------------------------------------------------- I/O on the thread pool
 
@@ -218,24 +190,8 @@ class UpscaleWorker:
             except Exception as e:  # noqa: BLE001 - one broken image is one failed row
                 row.update(error_fields(e), output_uri=None)
         for row, fut in zip(rows, uploads):
-            if fut is not None:
-                try:
-                    fut.result()
-                    row["status"] = "ok"
-                except Exception as e:  # noqa: BLE001
-                    row.update(error_fields(e), output_uri=None)
+            self._settle(row, fut)
             row["total_s"] = sum(row[k] or 0.0 for k in ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))
             row["finished_at"] = empty_row()["finished_at"]
         return to_table(rows)
 
-
-def _ray_identity() -> tuple[str, list[str]]:
-    try:
-        import ray
-
-        ctx = ray.get_runtime_context()
-        actor = ctx.get_actor_id() or f"pid-{os.getpid()}"
-        gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
-        return actor, gpus
-    except Exception:  # outside Ray (unit tests, local use)
-        return f"pid-{os.getpid()}", []
