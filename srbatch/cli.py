@@ -12,19 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from srbatch.errors import SrbatchError
-
-
-def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SrbatchError(f"--storage-option expects KEY=VALUE; got {p!r}")
-        k, v = p.split("=", 1)
-        if k == "endpoint_url":
-            out.setdefault("client_kwargs", {})["endpoint_url"] = v
-        else:
-            out[k] = {"true": True, "false": False}.get(v.lower(), v)
-    return out
+from srbatch.jobkit.config import parse_storage_options
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -106,7 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from srbatch.evaluate import evaluate, write_parquet
     from srbatch.models.loader import load_model
 
-    so = _storage_options(args.storage_option)
+    so = parse_storage_options(args.storage_option)
     desc = load_model(args.model, scale=args.scale, sha256=args.sha256, storage_options=so)
 
     def progress(row: Any) -> None:

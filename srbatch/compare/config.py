@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from srbatch.errors import ConfigError
-from srbatch.jobkit.config import ActorPoolConfig, job_parser, load_model_config, non_empty_location
+from srbatch.jobkit.config import ActorPoolConfig, Location, job_parser, load_model_config
 from srbatch.jobkit.config import config_from_args as _config_from_args
 
 __all__ = ["CompareConfig", "Crop", "parse_crops", "build_parser", "config_from_args", "load_compare_config"]
@@ -50,7 +50,7 @@ class CompareConfig(ActorPoolConfig):
     """Everything the comparison job needs. Frozen; unknown fields are errors. The actor pool (per model), storage and
     Ray fields come from :class:`~srbatch.jobkit.config.ActorPoolConfig`."""
 
-    images: str = Field(
+    images: Location = Field(
         description="the images: a folder/prefix, a file or a glob such as 's3://bucket/samples/*.png' (quote it); "
         "in a folder holding *_HR and *_LR files only the HR ones are taken"
     )
@@ -58,7 +58,7 @@ class CompareConfig(ActorPoolConfig):
         description="models to compare, comma-separated: names (bicubic, default, srresnet ...; see `srbatch "
         "models`), checkpoint files or export folders (paths or URIs)"
     )
-    output: str = Field(
+    output: Location = Field(
         description="output folder/prefix: index.html (the report), comparison.parquet, images/<model>/, report/"
     )
     scale: int = Field(4, ge=1, le=16, description="upscaling factor of every model")
@@ -103,11 +103,6 @@ class CompareConfig(ActorPoolConfig):
             if not v:
                 raise ValueError("no model given; e.g. --models bicubic,default")
         return v
-
-    @field_validator("images", "output")
-    @classmethod
-    def _not_empty(cls, v: str) -> str:
-        return non_empty_location(v)
 
     @field_validator("crops")
     @classmethod

@@ -14,14 +14,14 @@ import typing
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from srbatch.errors import ConfigError
 
 __all__ = [
-    "JobConfig", "ActorPoolConfig", "load_model_config", "add_field_flags", "job_parser", "flag_overrides",
+    "JobConfig", "ActorPoolConfig", "Location", "load_model_config", "parse_storage_options", "add_field_flags", "job_parser", "flag_overrides",
     "fold_storage_options", "redact", "non_empty_location", "default_run_id",
 ]  # fmt: skip
 
@@ -93,6 +93,10 @@ def non_empty_location(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty; give a folder, glob or URI")
     return v.strip()
+
+
+#: A config field holding a folder, glob or URI: stripped, never empty.
+Location = Annotated[str, AfterValidator(non_empty_location)]
 
 
 def fold_storage_options(
@@ -174,9 +178,11 @@ def load_model_config(
 # ------------------------------------------------------------------ fields -> flags
 
 
-def _parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` pairs -> fsspec storage options (``endpoint_url`` goes to ``client_kwargs``;
+    ``true``/``false`` become booleans)."""
     out: dict[str, Any] = {}
-    for p in pairs:
+    for p in pairs or []:
         if "=" not in p:
             raise ConfigError(f"--storage-option expects KEY=VALUE; got {p!r}")
         k, v = p.split("=", 1)
@@ -262,7 +268,7 @@ def flag_overrides(args: argparse.Namespace, cls: type[BaseModel]) -> dict[str, 
     ``overrides`` of :func:`load_model_config`."""
     given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
     if "storage_options" in given:
-        given["storage_options"] = _parse_kv(given["storage_options"] or [])
+        given["storage_options"] = parse_storage_options(given["storage_options"])
     for key, value in vars(args).items():
         name = key.removeprefix("positional_")
         if key.startswith("positional_") and value:

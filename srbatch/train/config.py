@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from srbatch.jobkit.config import JobConfig, job_parser, load_model_config, non_empty_location
+from srbatch.jobkit.config import JobConfig, Location, job_parser, load_model_config
 from srbatch.jobkit.config import config_from_args as _config_from_args
 
 __all__ = ["TrainConfig", "PRESETS", "RECIPES", "load_train_config", "build_parser", "train_config_from_args"]
@@ -113,10 +113,10 @@ class TrainConfig(JobConfig):
     """Everything the training job needs. Frozen; unknown fields are errors. The storage and Ray fields come from
     :class:`~srbatch.jobkit.config.JobConfig`."""
 
-    data: str = Field(
+    data: Location = Field(
         description="high-resolution training images: folder/prefix, file or glob, e.g. 's3://pets/hr/**/*.jpg'"
     )
-    output: str = Field(
+    output: Location = Field(
         description="export folder/prefix: model.safetensors, model_card.json/.md and history.parquet land here; "
         "`jobs/upscale.py --model <output>` loads it"
     )
@@ -198,11 +198,6 @@ class TrainConfig(JobConfig):
             if preset is not None:
                 return {**preset, **dict(data)}
         return data
-
-    @field_validator("data", "output")
-    @classmethod
-    def _not_empty(cls, v: str) -> str:
-        return non_empty_location(v)
 
     @field_validator("name")
     @classmethod

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from srbatch.jobkit.config import ActorPoolConfig, default_run_id, job_parser, load_model_config, non_empty_location
+from srbatch.jobkit.config import ActorPoolConfig, Location, default_run_id, job_parser, load_model_config
 from srbatch.jobkit.config import config_from_args as _config_from_args
 
 __all__ = ["UpscaleConfig", "load_config", "build_parser", "config_from_args"]
@@ -23,11 +23,11 @@ class UpscaleConfig(ActorPoolConfig):
     """Everything the upscale job needs. Frozen; unknown fields are errors. The actor pool, storage and Ray fields
     come from :class:`~srbatch.jobkit.config.ActorPoolConfig`."""
 
-    input: str = Field(
+    input: Location = Field(
         description="images to upscale: a folder/prefix (recursive), a file, or a glob such as "
         "'s3://photos/raw/**/*.jpg' (quote it so the shell leaves it alone)"
     )
-    output: str = Field(
+    output: Location = Field(
         description="output folder/prefix; images keep their path relative to the input root and the manifest goes "
         "to <output>/_manifest/"
     )
@@ -65,11 +65,6 @@ class UpscaleConfig(ActorPoolConfig):
     manifest_flush_seconds: float = Field(
         30.0, gt=0, description="write the manifest rows gathered so far at least this often"
     )
-
-    @field_validator("input", "output")
-    @classmethod
-    def _not_empty(cls, v: str) -> str:
-        return non_empty_location(v)
 
     @field_validator("run_id")
     @classmethod
