@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/upscale.py --input 's3://photos/raw/**/*.jpg' \\
         --output s3://photos/x4/ --model <name|uri> [--config job.yaml]
-    python jobs/upscale.py        # no arguments: the bundled samples, bicubic x4, local Ray, CPU if no GPU
+    python jobs/upscale.py        # no arguments: the bundled samples, the shipped default model x4, local Ray
 """
 
 from __future__ import annotations

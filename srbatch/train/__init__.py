@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TrainConfig", "TrainResult", "run_training", "load_train_config", "PRESETS"]
+__all__ = ["TrainConfig", "TrainResult", "run_training", "load_train_config", "PRESETS", "main"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing srbatch.train must not import Ray
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:  # lazy: importing srbatch.train must not imp
         from srbatch.train import runner
 
         return getattr(runner, name)
+    if name == "main":
+        from srbatch.train.cli import main
+
+        return main
     raise AttributeError(name)
