@@ -1,7 +1,7 @@
 """The benchmark (srbatch.benchmark behind jobs/benchmark.py). A smoke test of ``python jobs/benchmark.py`` as users
-type it: a tiny run through a local S3 server and Ray, in a subprocess. No timing thresholds: only that both throughputs are
-measured, the ratio is theirs, and every image went through the job. The steady-state rate is checked on manifest rows
-whose answer is worked out by hand."""
+type it: a tiny run through a local S3 server and Ray, in a subprocess. No timing thresholds: only that both
+throughputs are measured, the ratio is theirs, and every image went through the job. The steady-state rate is checked
+on manifest rows whose answer is worked out by hand."""
 
 from __future__ import annotations
 
