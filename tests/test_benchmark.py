@@ -1,5 +1,7 @@
-"""Smoke test of jobs/benchmark.py: a tiny run through a local S3 server and Ray, in a subprocess. No timing thresholds:
-only that both throughputs are measured, the ratio is theirs, and every image went through the job."""
+"""The benchmark (srbatch.benchmark behind jobs/benchmark.py). A smoke test of ``python jobs/benchmark.py`` as users
+type it: a tiny run through a local S3 server and Ray, in a subprocess. No timing thresholds: only that both
+throughputs are measured, the ratio is theirs, and every image went through the job. The steady-state rate is checked
+on manifest rows whose answer is worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,16 +9,16 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "jobs" / "benchmark.py"
 
 
+@pytest.mark.slow
 def test_benchmark_tiny_run_reports_both_throughputs_and_their_ratio():
     pytest.importorskip("moto.server")
     env = dict(os.environ)
@@ -47,3 +49,23 @@ def test_benchmark_help_explains_the_options():
     for flag in ("--model", "--images", "--size", "--input", "--storage", "--device", "--dtype", "--tile",
                  "--batch-size", "--actors", "--json"):  # fmt: skip
         assert flag in proc.stdout
+
+
+def test_steady_state_leaves_out_each_actors_first_batch():
+    """Actor a: batches of 2 images end at 10 s, 12 s, 14 s -> 4 images in 4 s after its first batch = 1.0/s.
+    Actor b: batches of 1 image end at 11 s, 16 s -> 1 image in 5 s = 0.2/s. Side by side: 1.2 images/s."""
+    from srbatch.benchmark.measure import steady_state
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def row(actor: str, at: float) -> dict:
+        return {"actor_id": actor, "finished_at": t0 + timedelta(seconds=at), "decode_s": 0.1, "infer_s": 0.5,
+                "encode_s": 0.1}  # fmt: skip
+
+    rows = [row("a", t) for t in (10, 10, 12, 12, 14, 14)] + [row("b", t) for t in (11, 16)]
+    res = steady_state(rows)
+    assert res["images_per_s"] == pytest.approx(1.2)
+    assert res["per_actor"]["a"] == {"images": 6, "batches": 3, "images_per_s": pytest.approx(1.0)}
+    assert res["per_actor"]["b"]["batches"] == 2
+    one = steady_state([row("a", 10), row("a", 10)])  # one batch: no steady state, and the reason says so
+    assert one["images_per_s"] is None and "one batch" in one["reason"]

@@ -82,6 +82,30 @@ def test_choose_mode_from_image_headers(tmp_path) -> None:
     assert choose_mode(cfg.model_copy(update={"lr": "x/"}), uris)[0] == "reference"
 
 
+def _tags(page: str) -> list[dict]:
+    """Every start tag of ``page`` with its id, class and src, and the ids of the elements it is inside."""
+    from html.parser import HTMLParser
+
+    out: list[dict] = []
+
+    class P(HTMLParser):
+        stack: list[str | None] = []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            out.append({"tag": tag, "id": a.get("id"), "class": a.get("class"), "src": a.get("src"),
+                        "inside": [i for i in self.stack if i]})  # fmt: skip
+            if tag not in ("img", "br", "meta"):
+                self.stack.append(a.get("id"))
+
+        def handle_endtag(self, tag):
+            if tag not in ("img", "br", "meta") and self.stack:
+                self.stack.pop()
+
+    P().feed(page)
+    return out
+
+
 def test_panel_files_and_page(tmp_path) -> None:
     hr = _flat_with_texture(64, 96, at=(8, 8))
     lr = hr[::4, ::4].copy()
@@ -110,6 +134,16 @@ def test_panel_files_and_page(tmp_path) -> None:
     assert '<td class="best">30.500</td>' in page and '<td class="best">0.0100</td>' in page
     assert page.count("<circle") == 2 and "Showing" not in page
     assert "src=\"http" not in page and "<script" not in page
+    # the structure the browser test and users' links rely on, read back with the standard library's HTML parser
+    tags = _tags(page)
+    summary_rows = [t for t in tags if t["tag"] == "tr" and "summary" in t["inside"]]
+    assert len(summary_rows) == 3  # header + one row per model
+    assert [t["id"] for t in tags if t["tag"] == "section"] == ["img1"]
+    imgs = [t for t in tags if t["tag"] == "img"]
+    classes = [t["class"] for t in imgs]
+    assert classes.count("thumb") == 1 and classes.count("crop") == 2 * (1 + 2 + 1)  # 2 crops x (LR, 2 models, HR)
+    assert {t["src"] for t in imgs} == set(written)  # every picture shown is a file written, by its relative path
+    assert len([t for t in tags if t["tag"] == "div" and t["class"] == "row crop-row"]) == 2
     svg = plot_svg([{"model": "a", "runtime_s": 0.05, "psnr_y": 30.0}, {"model": "b", "runtime_s": 2.0, "psnr_y": 31}])
     assert svg.startswith("<svg") and ">0.1 s<" in svg and ">1 s<" in svg
     assert plot_svg([{"model": "a", "runtime_s": None, "psnr_y": None}]) == ""

@@ -11,6 +11,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -209,63 +210,19 @@ def plot_svg(summary: Sequence[Mapping[str, Any]], width: int = 560, height: int
     return "".join(parts)
 
 
-_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ title }}</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-table.summary { border-collapse: collapse; margin: 1em 0; }
-table.summary td, table.summary th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
-table.summary td:first-child, table.summary th:first-child { text-align: left; }
-.best { font-weight: bold; }
-.meta { color: #555; font-size: 0.9em; }
-section.image { border-top: 1px solid #ddd; margin-top: 1.5em; padding-top: 1em; }
-.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; margin: 0.5em 0; }
-figure { margin: 0; text-align: center; font-size: 0.8em; }
-figure img.crop { width: {{ crop_px }}px; height: auto; image-rendering: pixelated; border: 1px solid #ccc; }
-img.thumb { border: 1px solid #ccc; }
-.note { background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b400; }
-.failed { color: #a00; }
-</style></head>
-<body>
-<h1>{{ title }}</h1>
-<p class="meta">{{ n_images }} image(s) x {{ models|length }} model(s), scale x{{ scale }}, mode <b>{{ mode }}</b>
-({{ mode_text }}). Device {{ devices }}. Made {{ created }} by srbatch {{ version }}.
-All rows: <a href="comparison.parquet">comparison.parquet</a>.</p>
-<h2>Mean per model</h2>
-<table class="summary" id="summary">
-<tr><th>model</th><th>architecture</th><th>parameters</th>
-{% if reference %}<th>PSNR_Y</th><th>SSIM_Y</th><th>PSNR_RGB</th><th>SSIM_RGB</th>{% endif %}
-<th>runtime s/image</th><th>images</th><th>failed</th></tr>
-{% for s in summary %}<tr>
-<td>{{ s.model }}</td><td>{{ s.architecture or "" }}</td><td>{{ "{:,}".format(s.params) if s.params is not none else "" }}</td>
-{% if reference %}{% for k, fmt in [("psnr_y", "%.3f"), ("ssim_y", "%.4f"), ("psnr_rgb", "%.3f"), ("ssim_rgb", "%.4f")] %}
-<td{% if s[k] is not none and s[k] == best[k] %} class="best"{% endif %}>{{ fmt|format(s[k]) if s[k] is not none else "–" }}</td>
-{% endfor %}{% endif %}
-<td{% if s.runtime_s is not none and s.runtime_s == best.runtime_s %} class="best"{% endif %}>{{ "%.4f"|format(s.runtime_s) if s.runtime_s is not none else "–" }}</td>
-<td>{{ s.images }}</td><td{% if s.failed %} class="failed"{% endif %}>{{ s.failed }}</td>
-</tr>{% endfor %}
-</table>
-<p class="meta">{{ convention }}</p>
-{% if plot %}<h2>PSNR_Y against runtime</h2>{{ plot|safe }}{% endif %}
-{% if limited %}<p class="note">Showing the first {{ max_images }} of {{ n_images }} images (--max-report-images {{ max_images }});
-comparison.parquet has every image.</p>{% endif %}
-{% for p in panels %}<section class="image" id="img{{ loop.index }}">
-<h3>{{ p.image }} <span class="meta">{{ p.width }}x{{ p.height }} output</span></h3>
-{% if reference %}<p class="meta">{% for m in models %}{{ m }}: {{ per_image[p.image][m] }}{% if not loop.last %} · {% endif %}{% endfor %}</p>{% endif %}
-{% if p.note %}<p class="note">{{ p.note }}</p>{% endif %}
-<div class="row"><figure><img class="thumb" src="{{ p.thumb }}" alt="{{ p.image }}: thumbnail with the crops marked"><figcaption>crops marked</figcaption></figure></div>
-{% for c in p.crops %}{% set j = loop.index0 %}
-<div class="row crop-row">
-<figure><img class="crop" src="{{ p.lr_files[j] }}" alt="LR crop {{ loop.index }}"><figcaption>{{ loop.index }}: LR (nearest) · {{ c.reason }}<br>{{ c.w }}x{{ c.h }} at {{ c.x }},{{ c.y }}</figcaption></figure>
-{% for m in models %}{% if p.model_files.get(m) %}<figure><img class="crop" src="{{ p.model_files[m][j] }}" alt="{{ m }} crop {{ loop.index }}"><figcaption>{{ m }}</figcaption></figure>{% endif %}{% endfor %}
-{% if p.hr_files %}<figure><img class="crop" src="{{ p.hr_files[j] }}" alt="HR crop {{ loop.index }}"><figcaption>HR (original)</figcaption></figure>{% endif %}
-</div>{% endfor %}
-</section>{% endfor %}
-{% if failures %}<h2 class="failed">Failures</h2><ul>{% for f in failures %}<li class="failed">{{ f }}</li>{% endfor %}</ul>{% endif %}
-</body></html>
-"""
+TEMPLATE = "report.html.j2"
+"""The page's Jinja2 template, in ``srbatch/compare/templates/`` (shipped with the package; rendered autoescaped)."""
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("srbatch.compare", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 def build_html(
@@ -282,9 +239,7 @@ def build_html(
     convention: str,
     created: str,
 ) -> str:
-    """The report page (Jinja2, autoescaped)."""
-    import jinja2
-
+    """The report page (the Jinja2 template :data:`TEMPLATE`, autoescaped)."""
     from srbatch import __version__
 
     summary = model_summary(rows, models)
@@ -298,8 +253,7 @@ def build_html(
     failures = [f"{r['image']} · {r['model']}: {r['error_type']}: {r['error_message']}" for r in rows
                 if r["status"] != "ok"]  # fmt: skip
     devices = ", ".join(sorted({str(r["device"]) for r in rows if r["device"]})) or "n/a"
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(_TEMPLATE).render(
+    return _environment().get_template(TEMPLATE).render(
         title=title, summary=summary, best=best, reference=reference, models=list(models), panels=panels,
         scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=n_images > max_images,
         max_images=max_images, plot=plot_svg(summary) if reference else "", per_image=per_image, failures=failures,

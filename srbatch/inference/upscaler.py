@@ -16,19 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from srbatch.errors import ConfigError, InferenceError
+from srbatch.inference.colorspace import GREY_WEIGHTS, from_model_space, model_channels, to_model_space
 from srbatch.inference.tiling import TilingConfig, ceil_to, run_tiled
 from srbatch.io.images import DecodedImage
-from srbatch.metrics.color import rgb2ycbcr, ycbcr2rgb
 from srbatch.metrics.resize import imresize
 from srbatch.models.descriptor import ModelDescriptor
 
 __all__ = ["GREY_WEIGHTS", "Upscaler"]
 
 logger = logging.getLogger("srbatch.inference")
-
-GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
-"""ITU-R BT.601 luma weights (as Pillow's ``convert("L")``) used to turn an RGB model's output back into grey.
-They sum to 1, so a neutral grey output (R = G = B) maps to exactly itself."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -256,30 +252,14 @@ class Upscaler:
 
     def _upscale_colour(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 1|3, H, W) grey or RGB in [0, 1] -> same channels upscaled, via the model's colour space."""
-        cs, c = self.info.color_space, int(x.shape[1])
-        expected = 3 if cs in ("RGB", "YCbCr") else 1
+        cs = self.info.color_space
+        expected = model_channels(cs)
         if self.info.in_channels != expected or self.info.out_channels != expected:
             raise InferenceError(
                 f"a {cs} model should take and return {expected} channels; this one has in={self.info.in_channels},"
                 f" out={self.info.out_channels}; use upscale_tensor for models outside the RGB/Y/YCbCr/L conventions"
             )
-        if cs == "L":
-            if c == 1:
-                return self.upscale_tensor(x)
-            return self.upscale_tensor(x.transpose(0, 1)).transpose(0, 1)  # each channel as a grey image
-        if cs == "Y":
-            if c == 1:
-                return self.upscale_tensor(x)
-            ycc = rgb2ycbcr(x)
-            y = self.upscale_tensor(ycc[:, :1])
-            cbcr = imresize(ycc[:, 1:], output_shape=(int(y.shape[-2]), int(y.shape[-1])))
-            return ycbcr2rgb(torch.cat([y, cbcr.to(y.dtype)], 1))
-        rgb = x if c == 3 else x.expand(-1, 3, -1, -1)
-        if cs == "RGB":
-            out = self.upscale_tensor(rgb)
-        else:  # YCbCr
-            out = ycbcr2rgb(self.upscale_tensor(rgb2ycbcr(rgb)))
-        return out if c == 3 else _to_grey(out)
+        return from_model_space(self.upscale_tensor(to_model_space(x, cs)), cs, source=x)
 
     def _resize_plane(self, plane: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32)).to(self._device)
@@ -411,7 +391,3 @@ def _quantize(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     maxv = float(np.iinfo(dtype).max)
     return np.floor(np.clip(a.astype(np.float64), 0.0, 1.0) * maxv + 0.5).astype(dtype)
 
-
-def _to_grey(rgb: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(GREY_WEIGHTS, dtype=rgb.dtype, device=rgb.device)
-    return torch.einsum("c,nchw->nhw", w, rgb)[:, None]
