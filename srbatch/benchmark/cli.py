@@ -95,7 +95,7 @@ def _ping() -> int:
 def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py") -> int:
     """Run the benchmark as ``python jobs/benchmark.py`` does; returns the exit code (0 done, 1 an image failed in
     the job, 2 bad arguments or setup)."""
-    from srbatch.upscale.runner import ray_env_defaults
+    from srbatch.jobkit.cluster import ray_env_defaults
 
     ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
     parser = build_parser(prog)

@@ -117,7 +117,7 @@ def end_to_end(model: str, store: Storage, n_expected: int, args: argparse.Names
     import ray
 
     from srbatch.upscale import UpscaleConfig, read_manifest, run_job
-    from srbatch.upscale.runner import resources_for
+    from srbatch.jobkit.resources import plan_actors
 
     run_id = f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     output = store.uri("out", run_id)
@@ -129,7 +129,7 @@ def end_to_end(model: str, store: Storage, n_expected: int, args: argparse.Names
         device=args.device, batch_size=args.batch_size, actors=args.actors, force=True, progress=False, run_id=run_id,
         endpoint_url=store.endpoint, **extra,
     )  # fmt: skip
-    pool = resources_for(cfg, ray.cluster_resources())
+    pool = plan_actors(cfg, ray.cluster_resources())
     stream = sys.stderr if args.json else sys.stdout
     wall0 = datetime.now(timezone.utc)
     res = run_job(cfg, stream=stream)
@@ -164,8 +164,8 @@ def end_to_end(model: str, store: Storage, n_expected: int, args: argparse.Names
         "per_image_encode_s": [r["encode_s"] for r in sorted(ok, key=lambda r: r["finished_at"])],
         "devices": sorted({str(r.get("device")) for r in ok}),
         "dtypes": sorted({str(r.get("dtype")) for r in ok}),
-        "actors": pool["actors"],
-        "actor_torch_threads": pool["torch_threads"],
-        "cpus_per_actor": pool["cpus_per_actor"],
-        "gpus_per_actor": pool["gpus_per_actor"],
+        "actors": pool.actors,
+        "actor_torch_threads": pool.torch_threads,
+        "cpus_per_actor": pool.cpus_per_actor,
+        "gpus_per_actor": pool.gpus_per_actor,
     }
