@@ -185,24 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the training job on Ray Train: fine-tune a model for a domain, export it (see `srbatch train --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "benchmark",
+        help="bare model throughput vs the upscale job end to end, on the same images and device (see `srbatch "
+        "benchmark --help`)",
+        add_help=False,
+    )
     return parser
+
+
+#: Subcommands that are whole jobs: the package whose ``main(argv, prog=...)`` runs each.
+_JOBS = {"upscale": "srbatch.upscale", "compare": "srbatch.compare", "train": "srbatch.train",
+         "benchmark": "srbatch.benchmark"}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``srbatch`` console script. Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "upscale":  # the job has its own parser (one flag per config field)
-        from srbatch.upscale import main as job_main
+    if argv and argv[0] in _JOBS:  # each job has its own parser (one flag per config field)
+        import importlib
 
-        return job_main(argv[1:], prog="srbatch upscale")
-    if argv and argv[0] == "compare":
-        from srbatch.compare.cli import main as compare_main
-
-        return compare_main(argv[1:], prog="srbatch compare")
-    if argv and argv[0] == "train":
-        from srbatch.train.cli import main as train_main
-
-        return train_main(argv[1:], prog="srbatch train")
+        job_main = importlib.import_module(_JOBS[argv[0]]).main
+        return int(job_main(argv[1:], prog=f"srbatch {argv[0]}"))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
