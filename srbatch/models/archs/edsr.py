@@ -24,15 +24,18 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
 
-__all__ = ["ARCH", "EDSR", "MeanShift", "ResBlock", "detect", "edsr", "edsr_baseline", "info"]
+__all__ = ["ARCH", "EDSR", "VARIANTS", "MeanShift", "ResBlock", "detect", "edsr", "edsr_baseline", "info"]
 
 DIV2K_MEAN: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
 """RGB mean of DIV2K used by the official MeanShift layers."""
 
 _DEFAULTS: dict[str, Any] = {"scale": 4, "n_resblocks": 16, "n_feats": 64, "res_scale": None, "rgb_range": 255.0}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "edsr": {"n_resblocks": 32, "n_feats": 256, "res_scale": 0.1},
+    "edsr-baseline": {"n_resblocks": 16, "n_feats": 64, "res_scale": 1.0},
+}
 
 
 def default_res_scale(n_feats: int) -> float:
@@ -115,18 +118,6 @@ def upsampler_halo(scale: int) -> float:
     return radius + 1 / res
 
 
-def matches_module(module: nn.Module, state_dict: StateDict) -> bool:
-    """True when ``state_dict`` has exactly the keys and tensor shapes of ``module`` (BN counters may be missing)."""
-    ref = module.state_dict()
-    optional = {k for k in ref if k.endswith("num_batches_tracked")}
-    keys = set(state_dict)
-    if not keys <= set(ref) or set(ref) - keys - optional:
-        return False
-    return all(
-        isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(ref[k].shape) for k, v in state_dict.items()
-    )
-
-
 class EDSR(nn.Module):
     """Enhanced Deep Super-Resolution network (RGB, ``[0, 1]`` in and out, ``rgb_range`` inside).
 
@@ -167,12 +158,12 @@ class EDSR(nn.Module):
 
 def edsr(*, scale: int = 4, rgb_range: float = 255.0) -> EDSR:
     """EDSR as published: 32 blocks, 256 features, residual scaling 0.1."""
-    return EDSR(scale=scale, n_resblocks=32, n_feats=256, res_scale=0.1, rgb_range=rgb_range)
+    return EDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["edsr"])
 
 
 def edsr_baseline(*, scale: int = 4, rgb_range: float = 255.0) -> EDSR:
     """EDSR-baseline: 16 blocks, 64 features, no residual scaling."""
-    return EDSR(scale=scale, n_resblocks=16, n_feats=64, res_scale=1.0, rgb_range=rgb_range)
+    return EDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["edsr-baseline"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -238,10 +229,7 @@ def detect(state_dict: StateDict) -> Detection | None:
         "res_scale": default_res_scale(n_feats),
         "rgb_range": rgb_range,
     }
-    converted = fill_mean_shift(state_dict, rgb_range)
-    with torch.device("meta"):
-        ref = EDSR(**hparams)
-    return Detection(hparams, converted) if matches_module(ref, converted) else None
+    return confirm_layout(EDSR, hparams, fill_mean_shift(state_dict, rgb_range))
 
 
 ARCH = Architecture(
@@ -249,10 +237,7 @@ ARCH = Architecture(
     build=EDSR,
     info=info,
     detect=detect,
-    variants={
-        "edsr": {"n_resblocks": 32, "n_feats": 256, "res_scale": 0.1},
-        "edsr-baseline": {"n_resblocks": 16, "n_feats": 64, "res_scale": 1.0},
-    },
+    variants=VARIANTS,
     paper=(
         "B. Lim, S. Son, H. Kim, S. Nah, K. M. Lee. Enhanced Deep Residual Networks for Single Image "
         "Super-Resolution. CVPR Workshops (NTIRE), 2017. arXiv:1707.02921"

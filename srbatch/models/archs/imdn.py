@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
 
-__all__ = ["ARCH", "IMDN", "detect", "imdn", "info"]
+__all__ = ["ARCH", "IMDN", "VARIANTS", "detect", "imdn", "info"]
 
 _DEFAULTS: dict[str, Any] = {"scale": 4, "in_nc": 3, "out_nc": 3, "nf": 64, "num_modules": 6}
+VARIANTS: dict[str, dict[str, Any]] = {"imdn": {"nf": 64, "num_modules": 6}}
 _SLOPE = 0.05
 _DISTILLATION_RATE = 0.25
 _CCA_REDUCTION = 16
@@ -116,7 +116,7 @@ class IMDN(nn.Module):
 
 def imdn(*, scale: int = 4) -> IMDN:
     """IMDN as published: 6 blocks, 64 features, RGB."""
-    return IMDN(scale=scale, nf=64, num_modules=6)
+    return IMDN(scale=scale, **VARIANTS["imdn"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -156,13 +156,7 @@ def detect(state_dict: StateDict) -> Detection | None:
     if num_modules < 1 or scale < 1 or out_nc * scale**2 != up.shape[0] or nf < 16 or nf % 4:
         return None
     hparams: dict[str, Any] = {"scale": scale, "in_nc": in_nc, "out_nc": out_nc, "nf": nf, "num_modules": num_modules}
-    with torch.device("meta"):
-        ref = IMDN(**hparams).state_dict()
-    if set(ref) != set(state_dict):
-        return None
-    if not all(isinstance(v, torch.Tensor) and v.shape == ref[k].shape for k, v in state_dict.items()):
-        return None
-    return Detection(hparams, dict(state_dict))
+    return confirm_layout(IMDN, hparams, state_dict)
 
 
 ARCH = Architecture(
@@ -170,7 +164,7 @@ ARCH = Architecture(
     build=IMDN,
     info=info,
     detect=detect,
-    variants={"imdn": {"nf": 64, "num_modules": 6}},
+    variants=VARIANTS,
     paper=(
         "Z. Hui, X. Gao, Y. Yang, X. Wang. Lightweight Image Super-Resolution with Information Multi-distillation "
         "Network. ACM Multimedia 2019. arXiv:1909.11856"

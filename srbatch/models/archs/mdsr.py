@@ -20,22 +20,24 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
 from srbatch.models.archs.edsr import (
     MeanShift,
     ResBlock,
     fill_mean_shift,
     infer_rgb_range,
-    matches_module,
     upsampler,
     upsampler_halo,
     upsampler_scale,
 )
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
 
-__all__ = ["ARCH", "MDSR", "default_scale", "detect", "info", "mdsr", "mdsr_baseline"]
+__all__ = ["ARCH", "MDSR", "VARIANTS", "default_scale", "detect", "info", "mdsr", "mdsr_baseline"]
 
 _DEFAULTS: dict[str, Any] = {"scales": (2, 3, 4), "scale": None, "n_resblocks": 16, "n_feats": 64, "rgb_range": 255.0}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mdsr": {"scales": [2, 3, 4], "n_resblocks": 80, "n_feats": 64},
+    "mdsr-baseline": {"scales": [2, 3, 4], "n_resblocks": 16, "n_feats": 64},
+}
 
 
 def default_scale(scales: Sequence[int]) -> int:
@@ -94,12 +96,12 @@ class MDSR(nn.Module):
 
 def mdsr(*, scale: int | None = None, rgb_range: float = 255.0) -> MDSR:
     """MDSR as published: branches x2/x3/x4, 80 shared residual blocks, 64 features."""
-    return MDSR(scales=(2, 3, 4), scale=scale, n_resblocks=80, n_feats=64, rgb_range=rgb_range)
+    return MDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["mdsr"])
 
 
 def mdsr_baseline(*, scale: int | None = None, rgb_range: float = 255.0) -> MDSR:
     """MDSR-baseline: branches x2/x3/x4, 16 shared residual blocks, 64 features."""
-    return MDSR(scales=(2, 3, 4), scale=scale, n_resblocks=16, n_feats=64, rgb_range=rgb_range)
+    return MDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["mdsr-baseline"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -152,10 +154,7 @@ def detect(state_dict: StateDict) -> Detection | None:
         "n_feats": n_feats,
         "rgb_range": rgb_range,
     }
-    converted = fill_mean_shift(state_dict, rgb_range)
-    with torch.device("meta"):
-        ref = MDSR(**hparams)
-    return Detection(hparams, converted) if matches_module(ref, converted) else None
+    return confirm_layout(MDSR, hparams, fill_mean_shift(state_dict, rgb_range))
 
 
 ARCH = Architecture(
@@ -163,10 +162,7 @@ ARCH = Architecture(
     build=MDSR,
     info=info,
     detect=detect,
-    variants={
-        "mdsr": {"scales": [2, 3, 4], "n_resblocks": 80, "n_feats": 64},
-        "mdsr-baseline": {"scales": [2, 3, 4], "n_resblocks": 16, "n_feats": 64},
-    },
+    variants=VARIANTS,
     paper=(
         "B. Lim, S. Son, H. Kim, S. Nah, K. M. Lee. Enhanced Deep Residual Networks for Single Image "
         "Super-Resolution (MDSR, the multi-scale model). CVPR Workshops (NTIRE), 2017. arXiv:1707.02921"
