@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
 __all__ = ["ARCH", "EDSR", "VARIANTS", "MeanShift", "ResBlock", "detect", "edsr", "edsr_baseline", "info"]
 
@@ -210,10 +210,10 @@ def detect(state_dict: StateDict) -> Detection | None:
     ``res_scale`` cannot be inferred from shapes: it defaults to :func:`default_res_scale`. Missing MeanShift
     tensors are filled with the official defaults. Returns None for any other layout (MDSR, RCAN, ...).
     """
-    head = state_dict.get("head.0.weight")
-    if not isinstance(head, torch.Tensor) or head.ndim != 4 or head.shape[1] != 3:
+    head = conv_shape(state_dict, "head.0.weight")
+    if head is None or head[1] != 3:
         return None
-    n_feats = int(head.shape[0])
+    n_feats = head[0]
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("body.") and k.split(".")[1].isdigit()}
     n_resblocks = len(blocks) - 1
     if n_resblocks < 0 or blocks != set(range(n_resblocks + 1)):

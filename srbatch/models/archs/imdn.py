@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
 __all__ = ["ARCH", "IMDN", "VARIANTS", "detect", "imdn", "info"]
 
@@ -143,19 +143,15 @@ def detect(state_dict: StateDict) -> Detection | None:
     ``nf``, ``num_modules``, channels and ``scale`` (``sqrt(upsampler out / out_nc)``, with ``out_nc = in_nc``) come
     from the tensors. IMDN_AS (strided ``fea_conv``), IMDN_RTC and IMDN_RTE have other layouts and give None.
     """
-    fea, up = state_dict.get("fea_conv.weight"), state_dict.get("upsampler.0.weight")
-    if not (isinstance(fea, torch.Tensor) and isinstance(up, torch.Tensor) and fea.ndim == up.ndim == 4):
+    fea, up = conv_shape(state_dict, "fea_conv.weight"), conv_shape(state_dict, "upsampler.0.weight")
+    if fea is None or up is None or fea[1] < 1:
         return None
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"IMDB(\d+)\.", k))}
-    num_modules = len(blocks)
-    in_nc, nf = int(fea.shape[1]), int(fea.shape[0])
-    out_nc = in_nc
-    if in_nc < 1:
+    nf, in_nc = fea[0], fea[1]
+    scale = math.isqrt(up[0] // in_nc)
+    if scale < 1 or in_nc * scale**2 != up[0]:
         return None
-    scale = math.isqrt(int(up.shape[0]) // out_nc)
-    if num_modules < 1 or scale < 1 or out_nc * scale**2 != up.shape[0] or nf < 16 or nf % 4:
-        return None
-    hparams: dict[str, Any] = {"scale": scale, "in_nc": in_nc, "out_nc": out_nc, "nf": nf, "num_modules": num_modules}
+    num_modules = len({int(m.group(1)) for k in state_dict if (m := re.match(r"IMDB(\d+)\.", k))})
+    hparams: dict[str, Any] = {"scale": scale, "in_nc": in_nc, "out_nc": in_nc, "nf": nf, "num_modules": num_modules}
     return confirm_layout(IMDN, hparams, state_dict)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 from srbatch.models.archs.edsr import (
     MeanShift,
     ResBlock,
@@ -127,12 +127,12 @@ def detect(state_dict: StateDict) -> Detection | None:
 
     The returned ``scale`` is :func:`default_scale` of the branches; callers may override it.
     """
-    head = state_dict.get("head.0.weight")
-    if not isinstance(head, torch.Tensor) or head.ndim != 4 or head.shape[1] != 3:
+    head = conv_shape(state_dict, "head.0.weight")
+    if head is None or head[1] != 3:
         return None
     if "pre_process.0.0.body.0.weight" not in state_dict:
         return None
-    n_feats = int(head.shape[0])
+    n_feats = head[0]
     branches = {int(k.split(".")[1]) for k in state_dict if k.startswith("upsample.") and k.split(".")[1].isdigit()}
     if not branches or branches != set(range(len(branches))):
         return None

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
 __all__ = [
     "ARCH", "VARIANTS", "RRDBNet", "detect", "esrgan", "info", "resolve_upsampling", "rrdbnet", "to_old_esrgan"
@@ -264,11 +264,11 @@ def detect(state_dict: StateDict) -> Detection | None:
         n_up = sum(1 for k in sd if re.fullmatch(r"conv_up\d+\.weight", k))
     else:
         return None
-    first, last, conv1 = sd.get("conv_first.weight"), sd.get("conv_last.weight"), sd.get("body.0.rdb1.conv1.weight")
-    if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (first, last, conv1)):
+    first, last = conv_shape(sd, "conv_first.weight"), conv_shape(sd, "conv_last.weight")
+    conv1 = conv_shape(sd, "body.0.rdb1.conv1.weight")
+    if first is None or last is None or conv1 is None:
         return None
-    assert first is not None and last is not None and conv1 is not None
-    in_ch, out_ch = int(first.shape[1]), int(last.shape[0])
+    in_ch, out_ch = first[1], last[0]
     unshuffle = next((f for f in (4, 2) if in_ch == out_ch * f * f), 1)
     if 2**n_up < unshuffle:
         return None
@@ -276,9 +276,9 @@ def detect(state_dict: StateDict) -> Detection | None:
         "scale": 2**n_up // unshuffle,
         "num_in_ch": in_ch // unshuffle**2,
         "num_out_ch": out_ch,
-        "num_feat": int(first.shape[0]),
+        "num_feat": first[0],
         "num_block": len({k.split(".")[1] for k in sd if k.startswith("body.")}),
-        "num_grow_ch": int(conv1.shape[0]),
+        "num_grow_ch": conv1[0],
         "num_upsample": n_up,
     }
     return confirm_layout(RRDBNet, hparams, sd)

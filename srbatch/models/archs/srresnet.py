@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
 __all__ = ["ARCH", "SRResNet", "VARIANTS", "detect", "from_leftthomas", "info", "srgan", "srresnet"]
 
@@ -213,15 +213,15 @@ def detect(state_dict: StateDict) -> Detection | None:
         sd = dict(state_dict)
     else:
         return None
-    first, last = sd.get("conv_first.weight"), sd.get("conv_last.weight")
-    if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor) and first.ndim == last.ndim == 4):
+    first, last = conv_shape(sd, "conv_first.weight"), conv_shape(sd, "conv_last.weight")
+    if first is None or last is None:
         return None
     n_up = len({k.split(".")[1] for k in sd if re.match(r"upsample\.\d+\.conv\.weight$", k)})
     hparams: dict[str, Any] = {
         "scale": 2**n_up,
-        "num_in_ch": int(first.shape[1]),
-        "num_out_ch": int(last.shape[0]),
-        "num_feat": int(first.shape[0]),
+        "num_in_ch": first[1],
+        "num_out_ch": last[0],
+        "num_feat": first[0],
         **extra,
     }
     return confirm_layout(SRResNet, hparams, sd)
