@@ -35,6 +35,7 @@ __all__ = [
     "confirm_layout",
     "conv_shape",
     "layout_diff",
+    "numbered_children",
     "odd_int",
     "positive_int",
     "require_scale",
@@ -145,6 +146,13 @@ def conv_shape(sd: Mapping[str, Any], key: str, ndim: int = 4) -> tuple[int, ...
     if not isinstance(t, torch.Tensor) or t.ndim != ndim:
         return None
     return tuple(int(s) for s in t.shape)
+
+
+def numbered_children(sd: Mapping[str, Any], prefix: str) -> int | None:
+    """How many children ``{prefix}0.``, ``{prefix}1.``, ... the keys name; None when the indices have a gap."""
+    found = {k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)}
+    idx = {int(i) for i in found if i.isdigit()}
+    return len(idx) if idx == set(range(len(idx))) else None
 
 
 def square_kernel(shape: tuple[int, ...] | None) -> int | None:

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
+    confirm_layout,
+    conv_shape,
+    numbered_children,
+)
 
 __all__ = ["ARCH", "EDSR", "VARIANTS", "MeanShift", "ResBlock", "detect", "edsr", "edsr_baseline", "info"]
 
@@ -214,17 +222,14 @@ def detect(state_dict: StateDict) -> Detection | None:
     if head is None or head[1] != 3:
         return None
     n_feats = head[0]
-    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("body.") and k.split(".")[1].isdigit()}
-    n_resblocks = len(blocks) - 1
-    if n_resblocks < 0 or blocks != set(range(n_resblocks + 1)):
-        return None
+    trunk = numbered_children(state_dict, "body.")  # n_resblocks blocks and the conv closing the trunk
     scale = upsampler_scale(state_dict, "tail.0.", n_feats)
-    if scale is None:
+    if not trunk or scale is None:
         return None
     rgb_range = infer_rgb_range(state_dict)
     hparams: dict[str, Any] = {
         "scale": scale,
-        "n_resblocks": n_resblocks,
+        "n_resblocks": trunk - 1,
         "n_feats": n_feats,
         "res_scale": default_res_scale(n_feats),
         "rgb_range": rgb_range,

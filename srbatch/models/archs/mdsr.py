@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
+    confirm_layout,
+    conv_shape,
+    numbered_children,
+)
 from srbatch.models.archs.edsr import (
     MeanShift,
     ResBlock,
@@ -133,24 +141,19 @@ def detect(state_dict: StateDict) -> Detection | None:
     if "pre_process.0.0.body.0.weight" not in state_dict:
         return None
     n_feats = head[0]
-    branches = {int(k.split(".")[1]) for k in state_dict if k.startswith("upsample.") and k.split(".")[1].isdigit()}
-    if not branches or branches != set(range(len(branches))):
+    branches = numbered_children(state_dict, "upsample.")
+    trunk = numbered_children(state_dict, "body.")  # n_resblocks blocks and the conv closing the trunk
+    if not branches or not trunk:
         return None
-    scales: list[int] = []
-    for b in range(len(branches)):
-        s = upsampler_scale(state_dict, f"upsample.{b}.", n_feats)
-        if s is None:
-            return None
-        scales.append(s)
-    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("body.") and k.split(".")[1].isdigit()}
-    n_resblocks = len(blocks) - 1
-    if n_resblocks < 0 or blocks != set(range(n_resblocks + 1)):
+    found = [upsampler_scale(state_dict, f"upsample.{b}.", n_feats) for b in range(branches)]
+    scales = [s for s in found if s is not None]
+    if len(scales) != branches:
         return None
     rgb_range = infer_rgb_range(state_dict)
     hparams: dict[str, Any] = {
         "scales": scales,
         "scale": default_scale(scales),
-        "n_resblocks": n_resblocks,
+        "n_resblocks": trunk - 1,
         "n_feats": n_feats,
         "rgb_range": rgb_range,
     }
