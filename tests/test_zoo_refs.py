@@ -26,7 +26,7 @@ EXPECTED_ARCH = {
 }
 
 
-# Frozen TensorFlow GraphDefs (OpenCV dnn_superres models, EXPECTED.md): not PyTorch checkpoints; load_model refuses them.
+# Frozen TensorFlow GraphDefs (the OpenCV dnn_superres models of EXPECTED.md): not PyTorch checkpoints, refused.
 TENSORFLOW = {
     *(f"tf_espcn_fannymonori/ESPCN_x{s}.pb" for s in (2, 3, 4)),
     *(f"tf_fsrcnn_saafke/FSRCNN{v}_x{s}.pb" for v in ("", "-small") for s in (2, 3, 4)),
