@@ -1,7 +1,7 @@
 """Classic native architectures: bicubic, SRCNN, FSRCNN, ESPCN, VDSR.
 
 Smoke (shape, finiteness), safetensors round trip through ``detect``, refusal of foreign layouts, and loading of the
-upstream checkpoints in ../shared/refs (skipped with a reason when that folder is absent).
+upstream checkpoints in the shared reference folder (the ``refs`` fixture of conftest.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from srbatch.metrics.resize import imresize
 from srbatch.models.archs import bicubic, espcn, fsrcnn, srcnn, vdsr
 
 ARCHS: tuple[ModuleType, ...] = (srcnn, fsrcnn, espcn, vdsr)
-REFS = Path(__file__).resolve().parents[1].parent / "shared" / "refs"
 
 # (module, hparams) with small widths so CPU runs stay quick; scale always given.
 CASES: list[tuple[ModuleType, dict[str, Any]]] = [
@@ -55,7 +54,7 @@ def _perturb(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize(("mod", "hp"), CASES, ids=IDS)
 def test_forward_shape_and_finite(mod: ModuleType, hp: dict[str, Any]) -> None:
     torch.manual_seed(0)
-    model = mod.build(**hp).eval()
+    model = mod.ARCH.build(**hp).eval()
     info = mod.info(hp)
     x = _input(info.in_channels)
     with torch.no_grad():
@@ -75,7 +74,7 @@ def test_forward_shape_and_finite(mod: ModuleType, hp: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("mod", "hp"), CASES, ids=IDS)
 def test_safetensors_round_trip(mod: ModuleType, hp: dict[str, Any], tmp_path: Path) -> None:
     torch.manual_seed(1)
-    model = mod.build(**hp).eval()
+    model = mod.ARCH.build(**hp).eval()
     _perturb(model)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -91,7 +90,7 @@ def test_safetensors_round_trip(mod: ModuleType, hp: dict[str, Any], tmp_path: P
     expected = {**_defaults(mod), **hp}
     assert hparams == expected
 
-    rebuilt = mod.build(**hparams).eval()
+    rebuilt = mod.ARCH.build(**hparams).eval()
     rebuilt.load_state_dict(det.state_dict, strict=True)
     x = _input(mod.info(hparams).in_channels, seed=2)
     with torch.no_grad():
@@ -100,7 +99,7 @@ def test_safetensors_round_trip(mod: ModuleType, hp: dict[str, Any], tmp_path: P
 
 def _defaults(mod: ModuleType) -> dict[str, Any]:
     """Builder defaults, so a partial ``hp`` can be compared with the detected (complete) hyper-parameters."""
-    sig = inspect.signature(mod.build)
+    sig = inspect.signature(mod.ARCH.build)
     return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -125,13 +124,13 @@ def test_detect_refuses_foreign_layouts(foreign: dict[str, Any]) -> None:
 
 def test_vdsr_accepts_sequential_layout() -> None:
     torch.manual_seed(3)
-    model = vdsr.build(scale=2, num_features=8, num_layers=4).eval()
+    model = vdsr.VDSR(scale=2, num_features=8, num_layers=4).eval()
     _perturb(model)
     convs = [model.input.weight, *(b.conv.weight for b in model.residual_layer), model.output.weight]
     old = {f"features.{2 * i}.weight": w.detach().clone() for i, w in enumerate(convs)}
     det = vdsr.detect(old)
     assert det is not None and det.hparams["num_layers"] == 4 and det.hparams["num_features"] == 8
-    rebuilt = vdsr.build(**{**det.hparams, "scale": 2})
+    rebuilt = vdsr.VDSR(**{**det.hparams, "scale": 2})
     rebuilt.load_state_dict(det.state_dict, strict=True)
     x = _input(1)
     with torch.no_grad():
@@ -140,17 +139,17 @@ def test_vdsr_accepts_sequential_layout() -> None:
 
 def test_scale_is_required_where_it_matters() -> None:
     with pytest.raises(ConfigError, match="--scale"):
-        fsrcnn.build(scale=None)
+        fsrcnn.FSRCNN(scale=None)
     for mod in ARCHS:
         with pytest.raises(ConfigError, match="--scale"):
             mod.info({"scale": None})
-    srcnn.build(scale=None)  # scale-agnostic networks build without it
-    vdsr.build(scale=None)
+    srcnn.SRCNN(scale=None)  # scale-agnostic networks build without it
+    vdsr.VDSR(scale=None)
 
 
 def test_fsrcnn_deconv_gives_exact_scale() -> None:
     for scale in (1, 2, 3, 4):
-        model = fsrcnn.build(scale=scale, d=4, s=2, m=1).eval()
+        model = fsrcnn.FSRCNN(scale=scale, d=4, s=2, m=1).eval()
         with torch.no_grad():
             y = model(_input(3, size=7))
         assert y.shape[-2:] == (7 * scale, 7 * scale)
@@ -159,7 +158,7 @@ def test_fsrcnn_deconv_gives_exact_scale() -> None:
 def test_srcnn_matches_valid_convolution_in_the_interior() -> None:
     """Reflection padding only changes the border: the interior equals the upstream valid-padding network."""
     torch.manual_seed(4)
-    model = srcnn.build(scale=2, f2=3, n1=8, n2=4).eval()
+    model = srcnn.SRCNN(scale=2, f2=3, n1=8, n2=4).eval()
     x = _input(3, size=30)
     with torch.no_grad():
         y = model(x)
@@ -173,7 +172,7 @@ def test_srcnn_matches_valid_convolution_in_the_interior() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("scale", "channels"), [(2, 3), (3, 1), (4, 3)])
 def test_bicubic_equals_imresize(scale: int, channels: int, dtype: torch.dtype) -> None:
-    model = bicubic.build(scale=scale, channels=channels)
+    model = bicubic.Bicubic(scale=scale, channels=channels)
     x = _input(channels).to(dtype)
     y = model(x)
     assert y.dtype == dtype
@@ -188,23 +187,40 @@ def test_bicubic_equals_imresize(scale: int, channels: int, dtype: torch.dtype) 
 
 def test_bicubic_rejects_bad_scale() -> None:
     with pytest.raises(ConfigError):
-        bicubic.build(scale=0)
+        bicubic.Bicubic(scale=0)
 
 
 def test_arch_records() -> None:
     for mod in (*ARCHS, bicubic):
         arch = mod.ARCH
-        assert arch.paper and arch.build is mod.build and arch.detect is mod.detect and arch.info is mod.info
+        assert arch.paper and arch.detect is mod.detect and arch.info is mod.info
+        assert arch.build.__module__ == mod.__name__ and issubclass(arch.build, torch.nn.Module)
         for vargs in arch.variants.values():
-            mod.build(**{"scale": 2, **vargs})
+            arch.build(**{"scale": 2, **vargs})
+
+
+@pytest.mark.parametrize(
+    ("build", "args", "field"),
+    [
+        (srcnn.SRCNN, {"f1": 8}, "f1"),
+        (srcnn.SRCNN, {"channels": 2}, "channels"),
+        (srcnn.SRCNN, {"n2": 0}, "n2"),
+        (fsrcnn.FSRCNN, {"scale": 2, "m": 0}, "m"),
+        (espcn.ESPCN, {"scale": 2, "f3": 4}, "f3"),
+        (espcn.ESPCN, {"scale": True}, "scale"),
+        (vdsr.VDSR, {"num_layers": 1}, "num_layers"),
+        (bicubic.Bicubic, {"scale": 2, "channels": 0}, "channels"),
+    ],
+)
+def test_bad_arguments_name_the_field(build: type[torch.nn.Module], args: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build(**args)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Upstream checkpoints in ../shared/refs
 # --------------------------------------------------------------------------------------------------------------------
 
-_NHAT = REFS / "weights" / "nhat_thanh"
-_VDSR = REFS / "weights" / "vdsr_twtygqyy" / "model_epoch_50.state_dict.safetensors"
 # file -> (architecture, scale for the forward check, hyper-parameters detect must find)
 _UPSTREAM: dict[str, tuple[ModuleType, int, dict[str, Any]]] = {
     **{f"SRCNN-9{k}5.pt": (srcnn, 3, {"scale": None, "f2": k, "channels": 3}) for k in (1, 3, 5)},
@@ -215,14 +231,12 @@ _UPSTREAM: dict[str, tuple[ModuleType, int, dict[str, Any]]] = {
 
 @pytest.mark.refs
 @pytest.mark.parametrize("name", [*_UPSTREAM, "vdsr"])
-def test_upstream_checkpoint_detected_and_loaded(name: str) -> None:
-    if not REFS.is_dir():
-        pytest.skip(f"shared reference data not found at {REFS}; these tests need ../shared/refs beside the repo")
+def test_upstream_checkpoint_detected_and_loaded(refs: Path, name: str) -> None:
     if name == "vdsr":
-        sd = load_file(str(_VDSR))
+        sd = load_file(str(refs / "weights" / "vdsr_twtygqyy" / "model_epoch_50.state_dict.safetensors"))
         mod, scale, expected = vdsr, 2, {"scale": None, "channels": 1, "num_features": 64, "num_layers": 20}
     else:
-        sd = torch.load(_NHAT / name, weights_only=True, map_location="cpu")
+        sd = torch.load(refs / "weights" / "nhat_thanh" / name, weights_only=True, map_location="cpu")
         mod, scale, expected = _UPSTREAM[name]
     hits = [m.ARCH.name for m in ARCHS if m.detect(sd) is not None]
     assert hits == [mod.ARCH.name]
@@ -230,7 +244,7 @@ def test_upstream_checkpoint_detected_and_loaded(name: str) -> None:
     assert det is not None
     assert {k: det.hparams[k] for k in expected} == expected
     hparams = {**det.hparams, "scale": det.hparams["scale"] or scale}
-    model = mod.build(**hparams).eval()
+    model = mod.ARCH.build(**hparams).eval()
     model.load_state_dict(det.state_dict, strict=True)
     info = mod.info(hparams)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """EDSR, MDSR, SRResNet, RRDBNet and IMDN: forward, round trip, alternative layouts, real checkpoints, tiling.
 
-Tiny configurations on CPU; the real checkpoints and Set5 come from ../shared/refs (skipped when it is absent).
+Tiny configurations on CPU; the real checkpoints and Set5 come from the shared reference folder (the ``refs`` fixture).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from srbatch.models.archs import edsr, imdn, mdsr, rrdbnet, srresnet
 from srbatch.models.loader import build_model
 from srbatch.models.registry import architectures
 
-REFS = Path(__file__).resolve().parents[1].parent / "shared" / "refs"
 MINE: tuple[ModuleType, ...] = (edsr, mdsr, srresnet, rrdbnet, imdn)
 
 # (module, full hparams exactly as detect must return them)
@@ -280,17 +279,14 @@ def test_variants_match_published_sizes() -> None:
     assert all(m.ARCH.paper for m in MINE)
 
 
-# ---------------------------------------------------------------- real checkpoints (../shared/refs)
-
-needs_refs = pytest.mark.skipif(not REFS.is_dir(), reason=f"reference data not found at {REFS}")
+# ---------------------------------------------------------------- real checkpoints (the shared reference folder)
 
 
-def _load_ref(rel: str) -> dict[str, torch.Tensor]:
-    sd = torch.load(REFS / rel, weights_only=True, map_location="cpu")
+def _load_ref(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, weights_only=True, map_location="cpu")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-@needs_refs
 @pytest.mark.refs
 @pytest.mark.parametrize(
     ("rel", "arch", "scale"),
@@ -300,8 +296,8 @@ def _load_ref(rel: str) -> dict[str, torch.Tensor]:
         ("weights/srgan_leftthomas/netG_epoch_4_100.pth", "srresnet", 4),
     ],
 )
-def test_real_checkpoint_detected_once_and_loads(rel: str, arch: str, scale: int) -> None:
-    sd = _load_ref(rel)
+def test_real_checkpoint_detected_once_and_loads(refs: Path, rel: str, arch: str, scale: int) -> None:
+    sd = _load_ref(refs / rel)
     claims = {name: a.detect(sd) for name, a in architectures().items()}
     claims = {name: det for name, det in claims.items() if det is not None}
     assert list(claims) == [arch]
@@ -316,19 +312,32 @@ def test_real_checkpoint_detected_once_and_loads(rel: str, arch: str, scale: int
         assert det.hparams["body_end"] == "prelu"
 
 
-@needs_refs
+def _matlab_y(rgb: np.ndarray) -> np.ndarray:
+    """Y of MATLAB ``rgb2ycbcr`` for 8-bit RGB values, as EXPECTED.md writes it (not srbatch's implementation)."""
+    return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+
+
 @pytest.mark.refs
-def test_imdn_x4_psnr_on_set5_bird() -> None:
+def test_imdn_x4_set5_psnr_y_matches_published(refs: Path) -> None:
+    """The official IMDN x4 weights, run by the module directly, reproduce the authors' Set5 x4 figure.
+
+    Published: 32.21 dB (IMDN authors' poster, ACM MM 2019, as recorded in ../shared/refs/EXPECTED.md), in the paper
+    convention EXPECTED.md states: MATLAB Y, output rounded to 8 bit, ``scale`` pixels shaved, peak 255, mean of the
+    per-image PSNRs over the five images. Tolerance 0.05 dB, the one EXPECTED.md sets. For scale: MATLAB bicubic
+    reaches 28.42 dB on the same set, so an upscaler that is merely smooth is more than 3.7 dB short.
+    """
     from PIL import Image
 
-    base = REFS / "sets" / "Set5" / "image_SRF_4"
-    lr = np.asarray(Image.open(base / "img_002_SRF_4_LR.png").convert("RGB"))
-    hr = np.asarray(Image.open(base / "img_002_SRF_4_HR.png").convert("RGB")).astype(np.float64)
-    _, model = _detect_and_load(imdn, _load_ref("weights/imdn_official/IMDN_x4.pth"))
-    x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float() / 255.0
-    sr = _run(model, x)[0].permute(1, 2, 0).numpy()
-    sr = np.clip(np.round(sr * 255.0), 0, 255)[: hr.shape[0], : hr.shape[1]]
-    b = 4  # shave `scale` pixels, as the benchmark does
-    mse = np.mean((sr[b:-b, b:-b] - hr[b:-b, b:-b]) ** 2)
-    psnr = 10 * np.log10(255.0**2 / mse)
-    assert psnr > 28.0, psnr
+    _, model = _detect_and_load(imdn, _load_ref(refs / "weights" / "imdn_official" / "IMDN_x4.pth"))
+    base, scale = refs / "sets" / "Set5" / "image_SRF_4", 4
+    psnrs = []
+    for i in range(1, 6):
+        lr = np.asarray(Image.open(base / f"img_00{i}_SRF_4_LR.png").convert("RGB"))
+        hr = np.asarray(Image.open(base / f"img_00{i}_SRF_4_HR.png").convert("RGB")).astype(np.float64)
+        x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float() / 255.0
+        sr = _run(model, x)[0].permute(1, 2, 0).numpy().astype(np.float64)
+        assert sr.shape == hr.shape
+        sr = np.clip(np.round(sr * 255.0), 0, 255)
+        diff = (_matlab_y(sr) - _matlab_y(hr))[scale:-scale, scale:-scale]
+        psnrs.append(10 * np.log10(255.0**2 / np.mean(diff**2)))
+    assert float(np.mean(psnrs)) == pytest.approx(32.21, abs=0.05), psnrs

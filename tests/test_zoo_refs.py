@@ -1,4 +1,5 @@
-"""Every public checkpoint in ../shared/refs/weights loads through `load_model` (or is refused, for the pickle)."""
+"""Every public checkpoint in the shared reference folder loads through `load_model` (or is refused: the pickled
+module, and the TensorFlow graphs srbatch does not read)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from srbatch import load_model
-from srbatch.errors import UnsafeCheckpointError
+from srbatch.errors import UnsafeCheckpointError, WeightsError
 
 EXPECTED_ARCH = {
     "imdn_official/IMDN_x4.pth": ("imdn", 4),
@@ -25,10 +26,25 @@ EXPECTED_ARCH = {
 }
 
 
+# Frozen TensorFlow GraphDefs (the OpenCV dnn_superres models of EXPECTED.md): not PyTorch checkpoints, refused.
+TENSORFLOW = {
+    *(f"tf_espcn_fannymonori/ESPCN_x{s}.pb" for s in (2, 3, 4)),
+    *(f"tf_fsrcnn_saafke/FSRCNN{v}_x{s}.pb" for v in ("", "-small") for s in (2, 3, 4)),
+}
+LICENCES = {"tf_espcn_fannymonori/LICENSE", "tf_fsrcnn_saafke/LICENSE"}
+
+
 @pytest.mark.refs
 def test_every_reference_checkpoint_is_covered(refs):
     files = {str(p.relative_to(refs / "weights")) for p in (refs / "weights").rglob("*") if p.is_file()}
-    assert files == set(EXPECTED_ARCH) | {"vdsr_twtygqyy/model_epoch_50.pth"}
+    assert files == set(EXPECTED_ARCH) | {"vdsr_twtygqyy/model_epoch_50.pth"} | TENSORFLOW | LICENCES
+
+
+@pytest.mark.refs
+@pytest.mark.parametrize("rel", sorted(TENSORFLOW))
+def test_tensorflow_graph_is_refused(refs, rel):
+    with pytest.raises(WeightsError, match=rel.rsplit("/", 1)[-1]):
+        load_model(str(refs / "weights" / rel), scale=int(rel[-4]))
 
 
 @pytest.mark.refs

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError, UnknownArchitectureError, WeightsError
+from srbatch.models.arch_api import Detection, layout_diff
 from srbatch.models.descriptor import ModelDescriptor
-from srbatch.models.registry import Detection, architectures, get_architecture, variants
+from srbatch.models.registry import architectures, get_architecture, variants
 from srbatch.models.spandrel_adapter import spandrel_descriptor
 from srbatch.weights.checkpoint import META_NAME, load_checkpoint
 
@@ -65,21 +66,20 @@ def _substitute_scale(hparams: dict[str, Any], scale: int | None, source: str) -
 
 
 def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
-    own = module.state_dict()
-    for k, v in sd.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise WeightsError(
-                f"{source}: tensor {k!r} has shape {tuple(v.shape)} but architecture {arch!r} with these "
-                f"hyper-parameters expects {tuple(own[k].shape)}; the file does not match its metadata or layout"
-            )
-    # Checkpoints from before PyTorch 0.4.1 have no BatchNorm `num_batches_tracked`; BatchNorm fills it itself.
-    missing = sorted(k for k in set(own) - set(sd) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
+    diff = layout_diff(module, sd)
+    if diff.wrong_shape:
+        k, found, expected = diff.wrong_shape[0]
+        raise WeightsError(
+            f"{source}: tensor {k!r} has shape {found} but architecture {arch!r} with these "
+            f"hyper-parameters expects {expected}; the file does not match its metadata or layout"
+        )
+    if diff:
+        missing, unexpected = list(diff.missing), list(diff.unexpected)
         raise WeightsError(
             f"{source}: state dict does not match architecture {arch!r}: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    # BN counters may be missing (checkpoints before PyTorch 0.4.1): BatchNorm fills them, strict loading passes.
     module.load_state_dict(dict(sd), strict=True)
 
 

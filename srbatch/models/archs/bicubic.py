@@ -12,24 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from srbatch.errors import ConfigError
 from srbatch.metrics.resize import imresize
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, positive_int
 
-__all__ = ["ARCH", "Bicubic", "build", "detect", "info"]
+__all__ = ["ARCH", "Bicubic", "detect", "info"]
 
 
 class Bicubic(nn.Module):
     """Upscale ``(N, C, H, W)`` by an integer ``scale`` with MATLAB ``imresize`` (computed in float64).
 
-    The output has the input's dtype and is not clamped (bicubic overshoots slightly near edges).
+    ``scale`` and ``channels`` are positive integers (1 for grey, 3 for RGB). The output has the input's dtype and is
+    not clamped (bicubic overshoots slightly near edges).
     """
 
-    def __init__(self, scale: int, channels: int = 3) -> None:
+    def __init__(self, *, scale: int, channels: int = 3) -> None:
         super().__init__()
-        self.scale = scale
-        self.channels = channels
+        self.scale = positive_int("bicubic", "scale", scale)
+        self.channels = positive_int("bicubic", "channels", channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``imresize(x, scale)`` cast back to ``x.dtype``."""
@@ -39,20 +38,9 @@ class Bicubic(nn.Module):
         return f"scale={self.scale}, channels={self.channels}"
 
 
-def build(*, scale: int, channels: int = 3) -> Bicubic:
-    """A :class:`Bicubic` upscaler; ``scale`` is a positive integer, ``channels`` 1 (grey) or 3 (RGB)."""
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ConfigError(f"bicubic: `scale` must be an integer >= 1; got {scale!r}")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ConfigError(f"bicubic: `channels` must be a positive integer; got {channels!r}")
-    return Bicubic(scale=scale, channels=channels)
-
-
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
     """Static facts: RGB (or single-channel ``L``) in and out, no upsampled input, a 4-pixel halo for tiling."""
-    scale = hparams.get("scale")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ConfigError(f"bicubic: `scale` must be an integer >= 1; got {scale!r}")
+    scale = positive_int("bicubic", "scale", hparams.get("scale"))
     channels = int(hparams.get("channels", 3))
     return ArchInfo(
         scale=scale,
@@ -74,7 +62,7 @@ def detect(state_dict: StateDict) -> Detection | None:
 
 ARCH = Architecture(
     name="bicubic",
-    build=build,
+    build=Bicubic,
     info=info,
     detect=detect,
     variants={},

@@ -24,15 +24,26 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
+    confirm_layout,
+    conv_shape,
+    numbered_children,
+)
 
-__all__ = ["ARCH", "EDSR", "MeanShift", "ResBlock", "detect", "edsr", "edsr_baseline", "info"]
+__all__ = ["ARCH", "EDSR", "VARIANTS", "MeanShift", "ResBlock", "detect", "edsr", "edsr_baseline", "info"]
 
 DIV2K_MEAN: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
 """RGB mean of DIV2K used by the official MeanShift layers."""
 
 _DEFAULTS: dict[str, Any] = {"scale": 4, "n_resblocks": 16, "n_feats": 64, "res_scale": None, "rgb_range": 255.0}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "edsr": {"n_resblocks": 32, "n_feats": 256, "res_scale": 0.1},
+    "edsr-baseline": {"n_resblocks": 16, "n_feats": 64, "res_scale": 1.0},
+}
 
 
 def default_res_scale(n_feats: int) -> float:
@@ -115,18 +126,6 @@ def upsampler_halo(scale: int) -> float:
     return radius + 1 / res
 
 
-def matches_module(module: nn.Module, state_dict: StateDict) -> bool:
-    """True when ``state_dict`` has exactly the keys and tensor shapes of ``module`` (BN counters may be missing)."""
-    ref = module.state_dict()
-    optional = {k for k in ref if k.endswith("num_batches_tracked")}
-    keys = set(state_dict)
-    if not keys <= set(ref) or set(ref) - keys - optional:
-        return False
-    return all(
-        isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(ref[k].shape) for k, v in state_dict.items()
-    )
-
-
 class EDSR(nn.Module):
     """Enhanced Deep Super-Resolution network (RGB, ``[0, 1]`` in and out, ``rgb_range`` inside).
 
@@ -167,12 +166,12 @@ class EDSR(nn.Module):
 
 def edsr(*, scale: int = 4, rgb_range: float = 255.0) -> EDSR:
     """EDSR as published: 32 blocks, 256 features, residual scaling 0.1."""
-    return EDSR(scale=scale, n_resblocks=32, n_feats=256, res_scale=0.1, rgb_range=rgb_range)
+    return EDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["edsr"])
 
 
 def edsr_baseline(*, scale: int = 4, rgb_range: float = 255.0) -> EDSR:
     """EDSR-baseline: 16 blocks, 64 features, no residual scaling."""
-    return EDSR(scale=scale, n_resblocks=16, n_feats=64, res_scale=1.0, rgb_range=rgb_range)
+    return EDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["edsr-baseline"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -219,29 +218,23 @@ def detect(state_dict: StateDict) -> Detection | None:
     ``res_scale`` cannot be inferred from shapes: it defaults to :func:`default_res_scale`. Missing MeanShift
     tensors are filled with the official defaults. Returns None for any other layout (MDSR, RCAN, ...).
     """
-    head = state_dict.get("head.0.weight")
-    if not isinstance(head, torch.Tensor) or head.ndim != 4 or head.shape[1] != 3:
+    head = conv_shape(state_dict, "head.0.weight")
+    if head is None or head[1] != 3:
         return None
-    n_feats = int(head.shape[0])
-    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("body.") and k.split(".")[1].isdigit()}
-    n_resblocks = len(blocks) - 1
-    if n_resblocks < 0 or blocks != set(range(n_resblocks + 1)):
-        return None
+    n_feats = head[0]
+    trunk = numbered_children(state_dict, "body.")  # n_resblocks blocks and the conv closing the trunk
     scale = upsampler_scale(state_dict, "tail.0.", n_feats)
-    if scale is None:
+    if not trunk or scale is None:
         return None
     rgb_range = infer_rgb_range(state_dict)
     hparams: dict[str, Any] = {
         "scale": scale,
-        "n_resblocks": n_resblocks,
+        "n_resblocks": trunk - 1,
         "n_feats": n_feats,
         "res_scale": default_res_scale(n_feats),
         "rgb_range": rgb_range,
     }
-    converted = fill_mean_shift(state_dict, rgb_range)
-    with torch.device("meta"):
-        ref = EDSR(**hparams)
-    return Detection(hparams, converted) if matches_module(ref, converted) else None
+    return confirm_layout(EDSR, hparams, fill_mean_shift(state_dict, rgb_range))
 
 
 ARCH = Architecture(
@@ -249,10 +242,7 @@ ARCH = Architecture(
     build=EDSR,
     info=info,
     detect=detect,
-    variants={
-        "edsr": {"n_resblocks": 32, "n_feats": 256, "res_scale": 0.1},
-        "edsr-baseline": {"n_resblocks": 16, "n_feats": 64, "res_scale": 1.0},
-    },
+    variants=VARIANTS,
     paper=(
         "B. Lim, S. Son, H. Kim, S. Nah, K. M. Lee. Enhanced Deep Residual Networks for Single Image "
         "Super-Resolution. CVPR Workshops (NTIRE), 2017. arXiv:1707.02921"

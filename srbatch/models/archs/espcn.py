@@ -22,31 +22,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from srbatch.errors import ConfigError
-from srbatch.models.archs._classic import (
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
     check_channels,
-    color_space,
+    confirm_layout,
     conv_shape,
+    odd_int,
     positive_int,
     require_scale,
-    same_layout,
     square_kernel,
+    ycbcr_or_y,
 )
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
 
-__all__ = ["ARCH", "ESPCN", "build", "detect", "info"]
+__all__ = ["ARCH", "ESPCN", "detect", "info"]
 
 
 class ESPCN(nn.Module):
-    """ESPCN for an integer ``scale``: ``(N, C, H, W)`` in [0, 1] -> ``(N, C, scale*H, scale*W)``."""
+    """ESPCN for an integer ``scale``: ``(N, C, H, W)`` in [0, 1] -> ``(N, C, scale*H, scale*W)``.
+
+    Kernel sizes must be odd (zero 'same' padding); ``channels`` is 1 (Y) or 3 (YCbCr).
+    """
 
     def __init__(
         self, *, scale: int, channels: int = 3, n1: int = 64, n2: int = 32, f1: int = 5, f2: int = 3, f3: int = 3
     ) -> None:
         super().__init__()
-        self.scale = scale
-        self.channels = channels
+        self.scale = scale = require_scale("espcn", {"scale": scale})
+        self.channels = check_channels("espcn", channels)
+        n1, n2 = positive_int("espcn", "n1", n1), positive_int("espcn", "n2", n2)
+        f1, f2, f3 = (odd_int("espcn", name, k) for name, k in (("f1", f1), ("f2", f2), ("f3", f3)))
         self.conv_1 = nn.Conv2d(channels, n1, f1, padding=f1 // 2)
         self.conv_2 = nn.Conv2d(n1, n2, f2, padding=f2 // 2)
         self.conv_3 = nn.Conv2d(n2, channels * scale * scale, f3, padding=f3 // 2)
@@ -59,19 +66,6 @@ class ESPCN(nn.Module):
         return self.shuffle(self.conv_3(x))
 
 
-def build(
-    *, scale: int, channels: int = 3, n1: int = 64, n2: int = 32, f1: int = 5, f2: int = 3, f3: int = 3
-) -> ESPCN:
-    """An :class:`ESPCN`; kernel sizes must be odd (zero 'same' padding)."""
-    scale = require_scale("espcn", {"scale": scale})
-    check_channels("espcn", channels)
-    n1, n2 = positive_int("espcn", "n1", n1), positive_int("espcn", "n2", n2)
-    for name, k in (("f1", f1), ("f2", f2), ("f3", f3)):
-        if positive_int("espcn", name, k) % 2 == 0:
-            raise ConfigError(f"espcn: `{name}` must be odd; got {k}")
-    return ESPCN(scale=scale, channels=channels, n1=n1, n2=n2, f1=f1, f2=f2, f3=f3)
-
-
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
     """Static facts: LR input; the halo is the sum of the kernels' half-widths (in LR pixels)."""
     scale = require_scale("espcn", hparams)
@@ -81,7 +75,7 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
         scale=scale,
         in_channels=channels,
         out_channels=channels,
-        color_space=color_space(channels),
+        color_space=ycbcr_or_y(channels),
         input_upsampled=False,
         receptive_halo=halo,
         tile_hint=None,
@@ -91,26 +85,22 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
 def detect(state_dict: StateDict) -> Detection | None:
     """Recognise ``conv_1``/``conv_2``/``conv_3``; infer channels, widths, kernels and the scale from the shapes."""
     w1, w2, w3 = (conv_shape(state_dict, f"conv_{i}.weight") for i in (1, 2, 3))
-    if w1 is None or w2 is None or w3 is None or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if w1 is None or w2 is None or w3 is None or w1[1] not in (1, 3):
         return None
     f1, f2, f3 = square_kernel(w1), square_kernel(w2), square_kernel(w3)
-    channels, n1, n2 = w1[1], w1[0], w2[0]
-    if f1 is None or f2 is None or f3 is None or channels not in (1, 3) or w3[0] % channels:
-        return None
+    channels = w1[1]
     scale = math.isqrt(w3[0] // channels)
-    if scale < 1 or scale * scale * channels != w3[0]:
+    if f1 is None or f2 is None or f3 is None or scale < 1 or scale * scale * channels != w3[0]:
         return None
-    hparams: dict[str, Any] = {"scale": scale, "channels": channels, "n1": n1, "n2": n2, "f1": f1, "f2": f2, "f3": f3}
-    with torch.device("meta"):
-        ref = ESPCN(**hparams)
-    if not same_layout(ref, state_dict):
-        return None
-    return Detection(hparams=hparams, state_dict=dict(state_dict))
+    hparams: dict[str, Any] = {
+        "scale": scale, "channels": channels, "n1": w1[0], "n2": w2[0], "f1": f1, "f2": f2, "f3": f3
+    }  # fmt: skip
+    return confirm_layout(ESPCN, hparams, state_dict)
 
 
 ARCH = Architecture(
     name="espcn",
-    build=build,
+    build=ESPCN,
     info=info,
     detect=detect,
     variants={},

@@ -26,27 +26,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from srbatch.models.archs._classic import (
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
     check_channels,
-    color_space,
+    confirm_layout,
     conv_shape,
     positive_int,
     require_scale,
-    same_layout,
+    ycbcr_or_y,
 )
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
 
-__all__ = ["ARCH", "FSRCNN", "build", "detect", "info"]
+__all__ = ["ARCH", "FSRCNN", "VARIANTS", "detect", "fsrcnn", "fsrcnn_s", "info"]
+
+VARIANTS: dict[str, dict[str, Any]] = {"fsrcnn": {"d": 56, "s": 12, "m": 4}, "fsrcnn-s": {"d": 32, "s": 5, "m": 1}}
 
 
 class FSRCNN(nn.Module):
-    """FSRCNN(d, s, m) for an integer ``scale``: ``(N, C, H, W)`` in [0, 1] -> ``(N, C, scale*H, scale*W)``."""
+    """FSRCNN(d, s, m) for an integer ``scale``: ``(N, C, H, W)`` in [0, 1] -> ``(N, C, scale*H, scale*W)``.
 
-    def __init__(self, *, scale: int, channels: int = 3, d: int = 56, s: int = 12, m: int = 4) -> None:
+    ``scale`` is required (a :class:`ConfigError` says to pass ``--scale`` when it is None); ``channels`` is 1 or 3.
+    """
+
+    def __init__(self, *, scale: int | None, channels: int = 3, d: int = 56, s: int = 12, m: int = 4) -> None:
         super().__init__()
-        self.scale = scale
-        self.channels = channels
+        self.scale = scale = require_scale("fsrcnn", {"scale": scale})
+        self.channels = check_channels("fsrcnn", channels)
+        d, s, m = positive_int("fsrcnn", "d", d), positive_int("fsrcnn", "s", s), positive_int("fsrcnn", "m", m)
         self.m = m
         self.feature_extract = nn.Conv2d(channels, d, 5, padding=2)
         self.activation_1 = nn.PReLU(d)
@@ -70,12 +78,14 @@ class FSRCNN(nn.Module):
         return self.deconv(x)
 
 
-def build(*, scale: int | None, channels: int = 3, d: int = 56, s: int = 12, m: int = 4) -> FSRCNN:
-    """An :class:`FSRCNN`; ``scale`` is required (a :class:`ConfigError` says to pass ``--scale`` when it is None)."""
-    scale = require_scale("fsrcnn", {"scale": scale})
-    check_channels("fsrcnn", channels)
-    d, s, m = positive_int("fsrcnn", "d", d), positive_int("fsrcnn", "s", s), positive_int("fsrcnn", "m", m)
-    return FSRCNN(scale=scale, channels=channels, d=d, s=s, m=m)
+def fsrcnn(*, scale: int | None, channels: int = 3) -> FSRCNN:
+    """FSRCNN as published: d = 56, s = 12, m = 4."""
+    return FSRCNN(scale=scale, channels=channels, **VARIANTS["fsrcnn"])
+
+
+def fsrcnn_s(*, scale: int | None, channels: int = 3) -> FSRCNN:
+    """FSRCNN-s, the small model: d = 32, s = 5, m = 1."""
+    return FSRCNN(scale=scale, channels=channels, **VARIANTS["fsrcnn-s"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -87,7 +97,7 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
         scale=scale,
         in_channels=channels,
         out_channels=channels,
-        color_space=color_space(channels),
+        color_space=ycbcr_or_y(channels),
         input_upsampled=False,
         receptive_halo=2 + m + math.ceil(4 / scale),
         tile_hint=None,
@@ -96,31 +106,20 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
 
 def detect(state_dict: StateDict) -> Detection | None:
     """Recognise the Nhat-Thanh/srbatch layout, inferring channels, d, s and m; ``scale`` is left None."""
-    if "feature_extract.weight" not in state_dict or "deconv.weight" not in state_dict:
-        return None
-    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        return None
     fe, sh = conv_shape(state_dict, "feature_extract.weight"), conv_shape(state_dict, "shrink.weight")
     if fe is None or sh is None:
         return None
-    d, channels, s = fe[0], fe[1], sh[0]
     m = sum(1 for k in state_dict if k.startswith("map_") and k.endswith(".weight"))
-    if channels not in (1, 3) or m < 1:
-        return None
-    with torch.device("meta"):
-        ref = FSRCNN(scale=2, channels=channels, d=d, s=s, m=m)
-    if not same_layout(ref, state_dict):
-        return None
-    hparams: dict[str, Any] = {"scale": None, "channels": channels, "d": d, "s": s, "m": m}
-    return Detection(hparams=hparams, state_dict=dict(state_dict))
+    hparams: dict[str, Any] = {"scale": None, "channels": fe[1], "d": fe[0], "s": sh[0], "m": m}
+    return confirm_layout(FSRCNN, hparams, state_dict, probe={"scale": 2})
 
 
 ARCH = Architecture(
     name="fsrcnn",
-    build=build,
+    build=FSRCNN,
     info=info,
     detect=detect,
-    variants={"fsrcnn": {"d": 56, "s": 12, "m": 4}, "fsrcnn-s": {"d": 32, "s": 5, "m": 1}},
+    variants=VARIANTS,
     paper=(
         "C. Dong, C. C. Loy, X. Tang, Accelerating the Super-Resolution Convolutional Neural Network, "
         "ECCV 2016 (arXiv:1608.00367)"

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
-__all__ = ["ARCH", "IMDN", "detect", "imdn", "info"]
+__all__ = ["ARCH", "IMDN", "VARIANTS", "detect", "imdn", "info"]
 
 _DEFAULTS: dict[str, Any] = {"scale": 4, "in_nc": 3, "out_nc": 3, "nf": 64, "num_modules": 6}
+VARIANTS: dict[str, dict[str, Any]] = {"imdn": {"nf": 64, "num_modules": 6}}
 _SLOPE = 0.05
 _DISTILLATION_RATE = 0.25
 _CCA_REDUCTION = 16
@@ -116,7 +116,7 @@ class IMDN(nn.Module):
 
 def imdn(*, scale: int = 4) -> IMDN:
     """IMDN as published: 6 blocks, 64 features, RGB."""
-    return IMDN(scale=scale, nf=64, num_modules=6)
+    return IMDN(scale=scale, **VARIANTS["imdn"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -143,26 +143,16 @@ def detect(state_dict: StateDict) -> Detection | None:
     ``nf``, ``num_modules``, channels and ``scale`` (``sqrt(upsampler out / out_nc)``, with ``out_nc = in_nc``) come
     from the tensors. IMDN_AS (strided ``fea_conv``), IMDN_RTC and IMDN_RTE have other layouts and give None.
     """
-    fea, up = state_dict.get("fea_conv.weight"), state_dict.get("upsampler.0.weight")
-    if not (isinstance(fea, torch.Tensor) and isinstance(up, torch.Tensor) and fea.ndim == up.ndim == 4):
+    fea, up = conv_shape(state_dict, "fea_conv.weight"), conv_shape(state_dict, "upsampler.0.weight")
+    if fea is None or up is None or fea[1] < 1:
         return None
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"IMDB(\d+)\.", k))}
-    num_modules = len(blocks)
-    in_nc, nf = int(fea.shape[1]), int(fea.shape[0])
-    out_nc = in_nc
-    if in_nc < 1:
+    nf, in_nc = fea[0], fea[1]
+    scale = math.isqrt(up[0] // in_nc)
+    if scale < 1 or in_nc * scale**2 != up[0]:
         return None
-    scale = math.isqrt(int(up.shape[0]) // out_nc)
-    if num_modules < 1 or scale < 1 or out_nc * scale**2 != up.shape[0] or nf < 16 or nf % 4:
-        return None
-    hparams: dict[str, Any] = {"scale": scale, "in_nc": in_nc, "out_nc": out_nc, "nf": nf, "num_modules": num_modules}
-    with torch.device("meta"):
-        ref = IMDN(**hparams).state_dict()
-    if set(ref) != set(state_dict):
-        return None
-    if not all(isinstance(v, torch.Tensor) and v.shape == ref[k].shape for k, v in state_dict.items()):
-        return None
-    return Detection(hparams, dict(state_dict))
+    num_modules = len({int(m.group(1)) for k in state_dict if (m := re.match(r"IMDB(\d+)\.", k))})
+    hparams: dict[str, Any] = {"scale": scale, "in_nc": in_nc, "out_nc": in_nc, "nf": nf, "num_modules": num_modules}
+    return confirm_layout(IMDN, hparams, state_dict)
 
 
 ARCH = Architecture(
@@ -170,7 +160,7 @@ ARCH = Architecture(
     build=IMDN,
     info=info,
     detect=detect,
-    variants={"imdn": {"nf": 64, "num_modules": 6}},
+    variants=VARIANTS,
     paper=(
         "Z. Hui, X. Gao, Y. Yang, X. Wang. Lightweight Image Super-Resolution with Information Multi-distillation "
         "Network. ACM Multimedia 2019. arXiv:1909.11856"

@@ -20,22 +20,32 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
+    confirm_layout,
+    conv_shape,
+    numbered_children,
+)
 from srbatch.models.archs.edsr import (
     MeanShift,
     ResBlock,
     fill_mean_shift,
     infer_rgb_range,
-    matches_module,
     upsampler,
     upsampler_halo,
     upsampler_scale,
 )
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
 
-__all__ = ["ARCH", "MDSR", "default_scale", "detect", "info", "mdsr", "mdsr_baseline"]
+__all__ = ["ARCH", "MDSR", "VARIANTS", "default_scale", "detect", "info", "mdsr", "mdsr_baseline"]
 
 _DEFAULTS: dict[str, Any] = {"scales": (2, 3, 4), "scale": None, "n_resblocks": 16, "n_feats": 64, "rgb_range": 255.0}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mdsr": {"scales": [2, 3, 4], "n_resblocks": 80, "n_feats": 64},
+    "mdsr-baseline": {"scales": [2, 3, 4], "n_resblocks": 16, "n_feats": 64},
+}
 
 
 def default_scale(scales: Sequence[int]) -> int:
@@ -94,12 +104,12 @@ class MDSR(nn.Module):
 
 def mdsr(*, scale: int | None = None, rgb_range: float = 255.0) -> MDSR:
     """MDSR as published: branches x2/x3/x4, 80 shared residual blocks, 64 features."""
-    return MDSR(scales=(2, 3, 4), scale=scale, n_resblocks=80, n_feats=64, rgb_range=rgb_range)
+    return MDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["mdsr"])
 
 
 def mdsr_baseline(*, scale: int | None = None, rgb_range: float = 255.0) -> MDSR:
     """MDSR-baseline: branches x2/x3/x4, 16 shared residual blocks, 64 features."""
-    return MDSR(scales=(2, 3, 4), scale=scale, n_resblocks=16, n_feats=64, rgb_range=rgb_range)
+    return MDSR(scale=scale, rgb_range=rgb_range, **VARIANTS["mdsr-baseline"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -125,37 +135,29 @@ def detect(state_dict: StateDict) -> Detection | None:
 
     The returned ``scale`` is :func:`default_scale` of the branches; callers may override it.
     """
-    head = state_dict.get("head.0.weight")
-    if not isinstance(head, torch.Tensor) or head.ndim != 4 or head.shape[1] != 3:
+    head = conv_shape(state_dict, "head.0.weight")
+    if head is None or head[1] != 3:
         return None
     if "pre_process.0.0.body.0.weight" not in state_dict:
         return None
-    n_feats = int(head.shape[0])
-    branches = {int(k.split(".")[1]) for k in state_dict if k.startswith("upsample.") and k.split(".")[1].isdigit()}
-    if not branches or branches != set(range(len(branches))):
+    n_feats = head[0]
+    branches = numbered_children(state_dict, "upsample.")
+    trunk = numbered_children(state_dict, "body.")  # n_resblocks blocks and the conv closing the trunk
+    if not branches or not trunk:
         return None
-    scales: list[int] = []
-    for b in range(len(branches)):
-        s = upsampler_scale(state_dict, f"upsample.{b}.", n_feats)
-        if s is None:
-            return None
-        scales.append(s)
-    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("body.") and k.split(".")[1].isdigit()}
-    n_resblocks = len(blocks) - 1
-    if n_resblocks < 0 or blocks != set(range(n_resblocks + 1)):
+    found = [upsampler_scale(state_dict, f"upsample.{b}.", n_feats) for b in range(branches)]
+    scales = [s for s in found if s is not None]
+    if len(scales) != branches:
         return None
     rgb_range = infer_rgb_range(state_dict)
     hparams: dict[str, Any] = {
         "scales": scales,
         "scale": default_scale(scales),
-        "n_resblocks": n_resblocks,
+        "n_resblocks": trunk - 1,
         "n_feats": n_feats,
         "rgb_range": rgb_range,
     }
-    converted = fill_mean_shift(state_dict, rgb_range)
-    with torch.device("meta"):
-        ref = MDSR(**hparams)
-    return Detection(hparams, converted) if matches_module(ref, converted) else None
+    return confirm_layout(MDSR, hparams, fill_mean_shift(state_dict, rgb_range))
 
 
 ARCH = Architecture(
@@ -163,10 +165,7 @@ ARCH = Architecture(
     build=MDSR,
     info=info,
     detect=detect,
-    variants={
-        "mdsr": {"scales": [2, 3, 4], "n_resblocks": 80, "n_feats": 64},
-        "mdsr-baseline": {"scales": [2, 3, 4], "n_resblocks": 16, "n_feats": 64},
-    },
+    variants=VARIANTS,
     paper=(
         "B. Lim, S. Son, H. Kim, S. Nah, K. M. Lee. Enhanced Deep Residual Networks for Single Image "
         "Super-Resolution (MDSR, the multi-scale model). CVPR Workshops (NTIRE), 2017. arXiv:1707.02921"

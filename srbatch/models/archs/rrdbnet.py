@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
-__all__ = ["ARCH", "RRDBNet", "detect", "esrgan", "info", "resolve_upsampling", "rrdbnet", "to_old_esrgan"]
+__all__ = [
+    "ARCH", "VARIANTS", "RRDBNet", "detect", "esrgan", "info", "resolve_upsampling", "rrdbnet", "to_old_esrgan"
+]  # fmt: skip
 
 _DEFAULTS: dict[str, Any] = {
     "scale": 4,
@@ -41,6 +42,10 @@ _DEFAULTS: dict[str, Any] = {
     "num_block": 23,
     "num_grow_ch": 32,
     "num_upsample": None,
+}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "rrdbnet": {"num_block": 23, "num_feat": 64, "num_grow_ch": 32},
+    "esrgan": {"num_block": 23, "num_feat": 64, "num_grow_ch": 32},
 }
 
 
@@ -137,14 +142,14 @@ class RRDBNet(nn.Module):
         return self.conv_last(self.lrelu(self.conv_hr(feat)))
 
 
-def rrdbnet(*, scale: int = 4, num_block: int = 23, num_feat: int = 64, num_grow_ch: int = 32) -> RRDBNet:
-    """RRDBNet as in BasicSR / Real-ESRGAN (23 blocks, 64 features, growth 32 by default)."""
-    return RRDBNet(scale=scale, num_block=num_block, num_feat=num_feat, num_grow_ch=num_grow_ch)
+def rrdbnet(*, scale: int = 4) -> RRDBNet:
+    """RRDBNet as in BasicSR / Real-ESRGAN: 23 blocks, 64 features, growth 32."""
+    return RRDBNet(scale=scale, **VARIANTS["rrdbnet"])
 
 
 def esrgan(*, scale: int = 4) -> RRDBNet:
     """The ESRGAN generator as published: 23 RRDB blocks, 64 features, growth 32."""
-    return RRDBNet(scale=scale, num_block=23, num_feat=64, num_grow_ch=32)
+    return RRDBNet(scale=scale, **VARIANTS["esrgan"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -259,11 +264,11 @@ def detect(state_dict: StateDict) -> Detection | None:
         n_up = sum(1 for k in sd if re.fullmatch(r"conv_up\d+\.weight", k))
     else:
         return None
-    first, last, conv1 = sd.get("conv_first.weight"), sd.get("conv_last.weight"), sd.get("body.0.rdb1.conv1.weight")
-    if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (first, last, conv1)):
+    first, last = conv_shape(sd, "conv_first.weight"), conv_shape(sd, "conv_last.weight")
+    conv1 = conv_shape(sd, "body.0.rdb1.conv1.weight")
+    if first is None or last is None or conv1 is None:
         return None
-    assert first is not None and last is not None and conv1 is not None
-    in_ch, out_ch = int(first.shape[1]), int(last.shape[0])
+    in_ch, out_ch = first[1], last[0]
     unshuffle = next((f for f in (4, 2) if in_ch == out_ch * f * f), 1)
     if 2**n_up < unshuffle:
         return None
@@ -271,22 +276,12 @@ def detect(state_dict: StateDict) -> Detection | None:
         "scale": 2**n_up // unshuffle,
         "num_in_ch": in_ch // unshuffle**2,
         "num_out_ch": out_ch,
-        "num_feat": int(first.shape[0]),
+        "num_feat": first[0],
         "num_block": len({k.split(".")[1] for k in sd if k.startswith("body.")}),
-        "num_grow_ch": int(conv1.shape[0]),
+        "num_grow_ch": conv1[0],
         "num_upsample": n_up,
     }
-    with torch.device("meta"):
-        ref = RRDBNet(**hparams)
-    return Detection(hparams, sd) if _matches(ref, sd) else None
-
-
-def _matches(module: nn.Module, state_dict: StateDict) -> bool:
-    """True when ``state_dict`` has exactly the keys and shapes of ``module``."""
-    ref = module.state_dict()
-    if set(state_dict) != set(ref):
-        return False
-    return all(isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(ref[k].shape) for k, v in state_dict.items())
+    return confirm_layout(RRDBNet, hparams, sd)
 
 
 ARCH = Architecture(
@@ -294,10 +289,7 @@ ARCH = Architecture(
     build=RRDBNet,
     info=info,
     detect=detect,
-    variants={
-        "rrdbnet": {"num_block": 23, "num_feat": 64, "num_grow_ch": 32},
-        "esrgan": {"num_block": 23, "num_feat": 64, "num_grow_ch": 32},
-    },
+    variants=VARIANTS,
     paper=(
         "X. Wang, K. Yu, S. Wu, J. Gu, Y. Liu, C. Dong, Y. Qiao, C. C. Loy. ESRGAN: Enhanced Super-Resolution "
         "Generative Adversarial Networks. ECCV Workshops 2018. arXiv:1809.00219"

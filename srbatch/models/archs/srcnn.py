@@ -31,33 +31,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srbatch.errors import ConfigError
-from srbatch.models.archs._classic import (
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
     check_channels,
-    color_space,
+    confirm_layout,
     conv_shape,
+    odd_int,
     positive_int,
     require_scale,
     square_kernel,
-    tensors_only,
+    ycbcr_or_y,
 )
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
 
-__all__ = ["ARCH", "SRCNN", "build", "detect", "info"]
+__all__ = ["ARCH", "SRCNN", "VARIANTS", "detect", "info", "srcnn_915", "srcnn_935", "srcnn_955"]
 
-_KEYS = frozenset(f"{m}.{p}" for m in ("patch_extraction", "nonlinear_map", "recon") for p in ("weight", "bias"))
+VARIANTS: dict[str, dict[str, Any]] = {"srcnn-915": {"f2": 1}, "srcnn-935": {"f2": 3}, "srcnn-955": {"f2": 5}}
+_LAYERS = ("patch_extraction", "nonlinear_map", "recon")
 
 
 class SRCNN(nn.Module):
-    """SRCNN ``f1-f2-f3`` with ``n1``/``n2`` filters; input is the bicubic-upscaled image, output the same size."""
+    """SRCNN ``f1-f2-f3`` with ``n1``/``n2`` filters; input is the bicubic-upscaled image, output the same size.
+
+    ``scale`` is informational (SRCNN is scale-agnostic); kernel sizes must be odd, ``channels`` 1 (Y) or 3 (YCbCr).
+    """
 
     def __init__(
-        self, *, scale: int | None, channels: int = 3, f1: int = 9, f2: int = 1, f3: int = 5, n1: int = 64, n2: int = 32
+        self,
+        *,
+        scale: int | None = None,
+        channels: int = 3,
+        f1: int = 9,
+        f2: int = 1,
+        f3: int = 5,
+        n1: int = 64,
+        n2: int = 32,
     ) -> None:
         super().__init__()
         self.scale = scale
-        self.channels = channels
+        self.channels = check_channels("srcnn", channels)
+        f1, f2, f3 = (odd_int("srcnn", name, k) for name, k in (("f1", f1), ("f2", f2), ("f3", f3)))
+        n1, n2 = positive_int("srcnn", "n1", n1), positive_int("srcnn", "n2", n2)
         self.halo = f1 // 2 + f2 // 2 + f3 // 2
         self.patch_extraction = nn.Conv2d(channels, n1, f1)
         self.nonlinear_map = nn.Conv2d(n1, n2, f2)
@@ -73,16 +89,19 @@ class SRCNN(nn.Module):
         return self.recon(x)
 
 
-def build(
-    *, scale: int | None = None, channels: int = 3, f1: int = 9, f2: int = 1, f3: int = 5, n1: int = 64, n2: int = 32
-) -> SRCNN:
-    """An :class:`SRCNN`. ``scale`` is informational (SRCNN is scale-agnostic); kernel sizes must be odd."""
-    check_channels("srcnn", channels)
-    for name, k in (("f1", f1), ("f2", f2), ("f3", f3)):
-        if positive_int("srcnn", name, k) % 2 == 0:
-            raise ConfigError(f"srcnn: `{name}` must be odd (symmetric padding); got {k}")
-    n1, n2 = positive_int("srcnn", "n1", n1), positive_int("srcnn", "n2", n2)
-    return SRCNN(scale=scale, channels=channels, f1=f1, f2=f2, f3=f3, n1=n1, n2=n2)
+def srcnn_915(*, scale: int | None = None, channels: int = 3) -> SRCNN:
+    """SRCNN 9-1-5, the paper's base network."""
+    return SRCNN(scale=scale, channels=channels, **VARIANTS["srcnn-915"])
+
+
+def srcnn_935(*, scale: int | None = None, channels: int = 3) -> SRCNN:
+    """SRCNN 9-3-5."""
+    return SRCNN(scale=scale, channels=channels, **VARIANTS["srcnn-935"])
+
+
+def srcnn_955(*, scale: int | None = None, channels: int = 3) -> SRCNN:
+    """SRCNN 9-5-5, the paper's best."""
+    return SRCNN(scale=scale, channels=channels, **VARIANTS["srcnn-955"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -94,7 +113,7 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
         scale=scale,
         in_channels=channels,
         out_channels=channels,
-        color_space=color_space(channels),
+        color_space=ycbcr_or_y(channels),
         input_upsampled=True,
         receptive_halo=halo,
         tile_hint=512,
@@ -103,29 +122,22 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
 
 def detect(state_dict: StateDict) -> Detection | None:
     """Recognise the ``patch_extraction``/``nonlinear_map``/``recon`` layout; ``scale`` is left None for the caller."""
-    sd = tensors_only(state_dict, _KEYS)
-    if sd is None:
-        return None
-    w1, w2, w3 = (conv_shape(sd, f"{m}.weight") for m in ("patch_extraction", "nonlinear_map", "recon"))
-    b1, b2, b3 = (conv_shape(sd, f"{m}.bias", 1) for m in ("patch_extraction", "nonlinear_map", "recon"))
+    w1, w2, w3 = (conv_shape(state_dict, f"{m}.weight") for m in _LAYERS)
     f1, f2, f3 = square_kernel(w1), square_kernel(w2), square_kernel(w3)
-    if w1 is None or w2 is None or w3 is None or f1 is None or f2 is None or f3 is None:
+    if w1 is None or w2 is None or f1 is None or f2 is None or f3 is None:
         return None
-    n1, channels, n2 = w1[0], w1[1], w2[0]
-    if w2[1] != n1 or w3[1] != n2 or w3[0] != channels or channels not in (1, 3):
-        return None
-    if b1 != (n1,) or b2 != (n2,) or b3 != (channels,):
-        return None
-    hparams: dict[str, Any] = {"scale": None, "channels": channels, "f1": f1, "f2": f2, "f3": f3, "n1": n1, "n2": n2}
-    return Detection(hparams=hparams, state_dict=sd)
+    hparams: dict[str, Any] = {
+        "scale": None, "channels": w1[1], "f1": f1, "f2": f2, "f3": f3, "n1": w1[0], "n2": w2[0]
+    }  # fmt: skip
+    return confirm_layout(SRCNN, hparams, state_dict)
 
 
 ARCH = Architecture(
     name="srcnn",
-    build=build,
+    build=SRCNN,
     info=info,
     detect=detect,
-    variants={"srcnn-915": {"f2": 1}, "srcnn-935": {"f2": 3}, "srcnn-955": {"f2": 5}},
+    variants=VARIANTS,
     paper=(
         "C. Dong, C. C. Loy, K. He, X. Tang, Image Super-Resolution Using Deep Convolutional Networks, "
         "IEEE TPAMI 38(2), 2016 (arXiv:1501.00092)"

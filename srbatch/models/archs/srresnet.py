@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, confirm_layout, conv_shape
 
-__all__ = ["ARCH", "SRResNet", "detect", "from_leftthomas", "info", "srgan", "srresnet"]
+__all__ = ["ARCH", "SRResNet", "VARIANTS", "detect", "from_leftthomas", "info", "srgan", "srresnet"]
 
 _DEFAULTS: dict[str, Any] = {
     "scale": 4,
@@ -40,6 +39,10 @@ _DEFAULTS: dict[str, Any] = {
     "num_block": 16,
     "body_end": "bn",
     "output_act": "none",
+}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "srresnet": {"num_block": 16, "num_feat": 64, "body_end": "bn", "output_act": "none"},
+    "srgan": {"num_block": 16, "num_feat": 64, "body_end": "bn", "output_act": "none"},
 }
 
 
@@ -132,12 +135,12 @@ class SRResNet(nn.Module):
 
 def srresnet(*, scale: int = 4) -> SRResNet:
     """SRResNet as in the paper: 16 residual blocks, 64 features, BN after ``conv_body``."""
-    return SRResNet(scale=scale, num_block=16, num_feat=64)
+    return SRResNet(scale=scale, **VARIANTS["srresnet"])
 
 
 def srgan(*, scale: int = 4) -> SRResNet:
     """The SRGAN generator: the same network as SRResNet (only the training loss differs)."""
-    return SRResNet(scale=scale, num_block=16, num_feat=64)
+    return SRResNet(scale=scale, **VARIANTS["srgan"])
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -210,30 +213,18 @@ def detect(state_dict: StateDict) -> Detection | None:
         sd = dict(state_dict)
     else:
         return None
-    first, last = sd.get("conv_first.weight"), sd.get("conv_last.weight")
-    if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor) and first.ndim == last.ndim == 4):
+    first, last = conv_shape(sd, "conv_first.weight"), conv_shape(sd, "conv_last.weight")
+    if first is None or last is None:
         return None
     n_up = len({k.split(".")[1] for k in sd if re.match(r"upsample\.\d+\.conv\.weight$", k)})
     hparams: dict[str, Any] = {
         "scale": 2**n_up,
-        "num_in_ch": int(first.shape[1]),
-        "num_out_ch": int(last.shape[0]),
-        "num_feat": int(first.shape[0]),
+        "num_in_ch": first[1],
+        "num_out_ch": last[0],
+        "num_feat": first[0],
         **extra,
     }
-    with torch.device("meta"):
-        ref = SRResNet(**hparams)
-    return Detection(hparams, sd) if _matches(ref, sd) else None
-
-
-def _matches(module: nn.Module, state_dict: StateDict) -> bool:
-    """True when ``state_dict`` has exactly the keys and shapes of ``module`` (BN counters may be missing)."""
-    ref = module.state_dict()
-    optional = {k for k in ref if k.endswith("num_batches_tracked")}
-    keys = set(state_dict)
-    if not keys <= set(ref) or set(ref) - keys - optional:
-        return False
-    return all(isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(ref[k].shape) for k, v in state_dict.items())
+    return confirm_layout(SRResNet, hparams, sd)
 
 
 ARCH = Architecture(
@@ -241,10 +232,7 @@ ARCH = Architecture(
     build=SRResNet,
     info=info,
     detect=detect,
-    variants={
-        "srresnet": {"num_block": 16, "num_feat": 64, "body_end": "bn", "output_act": "none"},
-        "srgan": {"num_block": 16, "num_feat": 64, "body_end": "bn", "output_act": "none"},
-    },
+    variants=VARIANTS,
     paper=(
         "C. Ledig, L. Theis, F. Huszar, J. Caballero, A. Cunningham, A. Acosta, A. Aitken, A. Tejani, J. Totz, "
         "Z. Wang, W. Shi. Photo-Realistic Single Image Super-Resolution Using a Generative Adversarial Network. "

@@ -23,11 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srbatch.models.archs._classic import check_channels, conv_shape, positive_int, require_scale, same_layout
-from srbatch.models.descriptor import ArchInfo
-from srbatch.models.registry import Architecture, Detection, StateDict
+from srbatch.models.arch_api import (
+    ArchInfo,
+    Architecture,
+    Detection,
+    StateDict,
+    check_channels,
+    confirm_layout,
+    conv_shape,
+    positive_int,
+    require_scale,
+)
 
-__all__ = ["ARCH", "VDSR", "build", "detect", "info"]
+__all__ = ["ARCH", "VDSR", "detect", "info"]
 
 
 class _ConvReLU(nn.Module):
@@ -42,12 +50,19 @@ class _ConvReLU(nn.Module):
 
 
 class VDSR(nn.Module):
-    """VDSR with ``num_layers`` convolutions of ``num_features`` channels; output = input + predicted residual."""
+    """VDSR with ``num_layers`` convolutions of ``num_features`` channels; output = input + predicted residual.
 
-    def __init__(self, *, scale: int | None, channels: int = 1, num_features: int = 64, num_layers: int = 20) -> None:
+    ``num_layers`` counts every convolution (>= 2); ``scale`` is informational.
+    """
+
+    def __init__(
+        self, *, scale: int | None = None, channels: int = 1, num_features: int = 64, num_layers: int = 20
+    ) -> None:
         super().__init__()
         self.scale = scale
-        self.channels = channels
+        self.channels = check_channels("vdsr", channels)
+        num_features = positive_int("vdsr", "num_features", num_features)
+        num_layers = positive_int("vdsr", "num_layers", num_layers, minimum=2)
         self.input = nn.Conv2d(channels, num_features, 3, padding=1, bias=False)
         self.residual_layer = nn.Sequential(*(_ConvReLU(num_features) for _ in range(num_layers - 2)))
         self.output = nn.Conv2d(num_features, channels, 3, padding=1, bias=False)
@@ -55,14 +70,6 @@ class VDSR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Bicubic-upscaled ``(N, C, H, W)`` in [0, 1] -> ``(N, C, H, W)``, not clamped."""
         return x + self.output(self.residual_layer(F.relu(self.input(x))))
-
-
-def build(*, scale: int | None = None, channels: int = 1, num_features: int = 64, num_layers: int = 20) -> VDSR:
-    """A :class:`VDSR`; ``num_layers`` counts every convolution (>= 2), ``scale`` is informational."""
-    check_channels("vdsr", channels)
-    num_features = positive_int("vdsr", "num_features", num_features)
-    num_layers = positive_int("vdsr", "num_layers", num_layers, minimum=2)
-    return VDSR(scale=scale, channels=channels, num_features=num_features, num_layers=num_layers)
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
@@ -102,34 +109,22 @@ def _from_sequential(sd: StateDict) -> dict[str, torch.Tensor] | None:
 
 def detect(state_dict: StateDict) -> Detection | None:
     """Recognise VDSR in either layout; infer channels, features and depth. ``scale`` is left None."""
-    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        return None
     sd = dict(state_dict) if "input.weight" in state_dict else _from_sequential(state_dict)
-    if sd is None:
-        return None
-    w_in = conv_shape(sd, "input.weight")
-    if w_in is None:
-        return None
-    num_features, channels = w_in[0], w_in[1]
-    num_layers = 2 + sum(1 for k in sd if k.startswith("residual_layer."))
-    if channels not in (1, 3):
+    w_in = None if sd is None else conv_shape(sd, "input.weight")
+    if sd is None or w_in is None:
         return None
     hparams: dict[str, Any] = {
         "scale": None,
-        "channels": channels,
-        "num_features": num_features,
-        "num_layers": num_layers,
+        "channels": w_in[1],
+        "num_features": w_in[0],
+        "num_layers": 2 + sum(1 for k in sd if k.startswith("residual_layer.")),
     }
-    with torch.device("meta"):
-        ref = VDSR(scale=None, channels=channels, num_features=num_features, num_layers=num_layers)
-    if not same_layout(ref, sd):
-        return None
-    return Detection(hparams=hparams, state_dict=sd)
+    return confirm_layout(VDSR, hparams, sd)
 
 
 ARCH = Architecture(
     name="vdsr",
-    build=build,
+    build=VDSR,
     info=info,
     detect=detect,
     variants={},
