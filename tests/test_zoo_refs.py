@@ -43,8 +43,9 @@ def test_every_reference_checkpoint_is_covered(refs):
 @pytest.mark.refs
 @pytest.mark.parametrize("rel", sorted(TENSORFLOW))
 def test_tensorflow_graph_is_refused(refs, rel):
-    with pytest.raises(WeightsError, match=rel.rsplit("/", 1)[-1]):
+    with pytest.raises(WeightsError, match=rel.rsplit("/", 1)[-1]) as ei:
         load_model(str(refs / "weights" / rel), scale=int(rel[-4]))
+    assert "TensorFlow graph" in str(ei.value) and not isinstance(ei.value, UnsafeCheckpointError)
 
 
 @pytest.mark.refs

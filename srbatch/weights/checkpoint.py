@@ -99,6 +99,22 @@ def _refuse_pickle(uri: str, err: Exception) -> UnsafeCheckpointError:
     )
 
 
+def _not_a_checkpoint(uri: str, data: bytes) -> WeightsError:
+    """The error for bytes that are neither safetensors nor ``torch.save`` output (a zip, or a pickle from protocol 2
+    on): a TensorFlow graph, an ONNX file, an image, text ..."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    kind = ""
+    if name.endswith(".pb"):
+        kind = (" It looks like a TensorFlow graph (.pb): srbatch does not import TensorFlow models; use the "
+                "authors' PyTorch checkpoint or convert the weights to a PyTorch state dict.")  # fmt: skip
+    elif name.endswith(".onnx"):
+        kind = " It looks like an ONNX model: srbatch loads PyTorch and safetensors weights, not ONNX graphs."
+    return WeightsError(
+        f"could not read {uri}: it is neither a safetensors file nor a PyTorch checkpoint (torch.save writes a zip or a "
+        f"pickle; this file starts with {data[:8]!r}).{kind}"
+    )
+
+
 def _torch_load_safely(data: bytes, uri: str) -> Any:
     try:
         with warnings.catch_warnings():
@@ -175,6 +191,8 @@ def load_checkpoint(
             metadata = _safetensors_metadata(data)
         except (SafetensorError, ValueError, json.JSONDecodeError) as e:
             raise WeightsError(f"{uri}: invalid safetensors file ({e}); the file may be truncated") from None
+    elif not data.startswith(b"PK\x03\x04") and not data.startswith(b"\x80"):
+        raise _not_a_checkpoint(uri, data)
     else:
         raw = _torch_load_safely(data, uri)
     sd = canonicalize(raw, source=uri) if not metadata.get(META_ARCH) else dict(raw)
