@@ -230,6 +230,7 @@ class _WorkerData:
 
 
 def _read_data(w: _Worker) -> _WorkerData:
+    """Decode this worker's training images (and their paired LR files) and, on rank 0, build the validation pairs."""
     from srbatch.train.data import build_val_set, read_image, to_channels
 
     cfg, so = w.cfg, w.so
