@@ -483,22 +483,24 @@ def test_hostile_keys_write_nothing_outside_the_output_prefix(ray_cluster, s3_bu
 # ------------------------------------------------------------------------------------------------ 7. training worker
 
 
-def test_training_worker_killed_resumes_and_no_checkpoint_is_corrupt(ray_cluster, tmp_path, monkeypatch):
+def test_training_worker_killed_resumes_and_no_checkpoint_is_corrupt(ray_cluster, tmp_path):
+    """A Ray Train worker process is SIGKILLed from outside (tests/train_faults.py) once checkpoint 2 is committed:
+    the worker group restarts once from a committed checkpoint and finishes; every checkpoint left loads intact."""
     import pyarrow.parquet as pq
     import torch
+    from train_faults import kill_a_training_worker
 
     from srbatch.local import sample_images_dir
     from srbatch.train import TrainConfig, run_training
-    from srbatch.train.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV, STATE_FILE
+    from srbatch.train.loop import STATE_FILE
     from srbatch.weights.checkpoint import load_checkpoint
 
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_STEP_ENV, "5")
-    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
     out = tmp_path / "out"
-    r = run_training(TrainConfig(data=sample_images_dir(), output=str(out), steps=6, val_every=2, workers=2,
-                                 max_failures=1, model="srresnet", model_args={"num_block": 1, "num_feat": 8}, scale=2,
-                                 crop_size=32, batch_size=2, val_max_size=48, keep_checkpoints=10))  # fmt: skip
+    with kill_a_training_worker(out / "_train" / "train", after="checkpoint_00000002") as kill:
+        r = run_training(TrainConfig(data=sample_images_dir(), output=str(out), steps=8, val_every=2, workers=2,
+                                     max_failures=1, model="srresnet", model_args={"num_block": 1, "num_feat": 8},
+                                     scale=2, crop_size=32, batch_size=2, val_max_size=48,
+                                     keep_checkpoints=10))  # fmt: skip
     hist = pq.read_table(out / "history.parquet").to_pylist()
     ckpts = sorted(p for p in (out / "_train" / "train").glob("checkpoint_0*") if p.is_dir())
     loaded = 0
@@ -508,13 +510,18 @@ def test_training_worker_killed_resumes_and_no_checkpoint_is_corrupt(ray_cluster
         gens = [p for p in c.iterdir() if p.suffix == ".safetensors"]
         assert gens and all(load_checkpoint(str(g)).state_dict for g in gens)
         loaded += 1
-    print(f"CHAOS 7 training worker killed: os._exit at step 5 of 6 (fired {marker.exists()}); restarts "
-          f"{r.card['training']['restarts']}; history steps {[h['step'] for h in hist]}; checkpoints "
-          f"{[c.name[-3:] for c in ckpts]}, {loaded} of {len(ckpts)} load intact")  # fmt: skip
-    assert marker.exists() and r.card["training"]["restarts"] == 1 and r.card["training"]["steps"] == 6
-    assert [h["step"] for h in hist] == [2, 4, 6] and [h["restarts"] for h in hist] == [0, 0, 1]
-    assert [c.name for c in ckpts] == ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
-    assert loaded == 3
+    print(f"CHAOS 7 training worker killed: SIGKILL to pid {kill.pid} with {list(kill.committed)} committed; restarts "
+          f"{r.card['training']['restarts']}; history steps {[h['step'] for h in hist]} restarts "
+          f"{[h['restarts'] for h in hist]}; checkpoints {[c.name[-3:] for c in ckpts]}, {loaded} of {len(ckpts)} "
+          "load intact")  # fmt: skip
+    assert kill.error is None and kill.pid is not None, f"the worker was not killed: {kill}"
+    assert r.card["training"]["restarts"] == 1 and r.card["training"]["steps"] == 8
+    # one row per validation; the rows before the kill come from the restored checkpoint, the rest from the restart
+    assert [h["step"] for h in hist] == [2, 4, 6, 8]
+    restarts = [h["restarts"] for h in hist]
+    assert restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)
+    assert [c.name for c in ckpts] == [f"checkpoint_{s:08d}" for s in (2, 4, 6, 8)]
+    assert loaded == 4
 
 
 # ------------------------------------------------------------------------------------------------ 8. secrets

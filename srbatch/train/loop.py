@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,15 +27,12 @@ from torch import nn
 from srbatch.errors import ConfigError
 from srbatch.models.descriptor import ArchInfo, ModelDescriptor
 from srbatch.train.config import TrainConfig
+from srbatch.train.validation import print_val, validate, validate_bicubic
 
 log = logging.getLogger("srbatch.train")
 
 STATE_FILE = "training_state.pt"
 GENERATOR_FILE = "generator.safetensors"
-CRASH_STEP_ENV = "SRBATCH_TRAIN_CRASH_AT_STEP"
-"""Fault injection for tests and drills: the last worker exits abruptly (``os._exit``) when it reaches this step..."""
-CRASH_MARKER_ENV = "SRBATCH_TRAIN_CRASH_MARKER"
-"""...once: the crash creates this local file first and does not happen again while it exists."""
 
 
 def say(line: str) -> None:
@@ -143,243 +141,270 @@ def lr_lambda(cfg: TrainConfig) -> Any:
     return f
 
 
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def validate(
-    module: nn.Module, desc: ModelDescriptor, val_set: list[Any], device: torch.device
-) -> dict[str, float]:
-    """Mean PSNR/SSIM (paper convention: Y of MATLAB YCbCr for 8-bit RGB, the plane itself for grey, border = scale)
-    of ``module`` on the validation pairs, through the inference engine the upscale job uses."""
-    from srbatch.inference import Upscaler
-    from srbatch.io.images import from_float
-    from srbatch.metrics.quality import measure
-
-    if not val_set:
-        return {}
-    was_training = module.training
-    d = ModelDescriptor(module=module, architecture=desc.architecture, info=desc.info, hparams=desc.hparams,
-                        name=desc.name)  # fmt: skip
-    up = Upscaler(d, device=device)
-    border = desc.scale if desc.scale > 1 else 0
-    ms = []
-    with torch.no_grad():
-        for v in val_set:
-            sr = from_float(up.upscale_array(v.lr), v.hr.dtype)
-            ms.append(measure(sr.reshape(v.hr.shape), v.hr, crop_border=border))
-    module.train(was_training)
-    return _means(ms)
-
-
-def validate_bicubic(val_set: list[Any], scale: int) -> dict[str, float]:
-    """The same figures for MATLAB bicubic upscaling of the LR (for scale 1: the degraded input itself)."""
-    from srbatch.metrics.quality import measure
-    from srbatch.metrics.resize import imresize_uint8
-
-    ms = []
-    for v in val_set:
-        sr = imresize_uint8(v.lr, scale) if scale > 1 else v.lr
-        ms.append(measure(sr.reshape(v.hr.shape), v.hr, crop_border=scale if scale > 1 else 0))
-    return _means(ms)
-
-
-def _means(ms: list[Any]) -> dict[str, float]:
-    if not ms:
-        return {}
-    return {
-        "psnr_y": float(np.mean([m.psnr_y for m in ms])),
-        "ssim_y": float(np.mean([m.ssim_y for m in ms])),
-        "psnr_rgb": float(np.mean([m.psnr_rgb for m in ms])),
-        "ssim_rgb": float(np.mean([m.ssim_rgb for m in ms])),
-    }
-
-
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    return m.module if hasattr(m, "module") and isinstance(m.module, nn.Module) else m
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"cfg": TrainConfig dump, "plan": see runner.plan_data}``.
 
-
-def _maybe_crash(step: int, rank: int, world: int) -> None:
-    target, marker = os.environ.get(CRASH_STEP_ENV), os.environ.get(CRASH_MARKER_ENV)
-    if not target or not marker or step != int(target) or rank != world - 1 or os.path.exists(marker):
-        return
+    The recipe: set up the worker, read its data, build the model and optimisers, restore the latest checkpoint,
+    measure the starting point (rank 0), then train step by step, validating and checkpointing every ``val_every``
+    steps, and export at the end (rank 0)."""
     import ray.train
 
-    # A drill of a crash after the last checkpoint is safe: wait until Ray Train has committed every report (a worker
-    # dying before its checkpoint is committed restarts from the one before, which is Ray's contract).
-    ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60)
-    with open(marker, "w") as f:
-        f.write(f"worker {rank} crashed on purpose at step {step}\n")
-    say(f"srbatch train: fault injection: worker {rank} exits abruptly at step {step}")
-    os._exit(17)
+    w = _set_up_worker(config)
+    data = _read_data(w)
+    run = _Training(w)
+    run.restore(ray.train.get_checkpoint())
+    sampler = data.crop_sampler(w, first_step=run.step)
+    if w.rank == 0 and run.state["initial"] is None:
+        run.measure_starting_point(data.val_set)
+    run.prepare()
+    while run.step < w.cfg.steps:
+        parts = run.train_step(sampler)
+        run.log_progress(parts)
+        if run.step % w.cfg.val_every == 0 or run.step == w.cfg.steps:
+            run.validate_and_checkpoint(data.val_set)
+    if w.rank == 0:
+        run.export()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``{"cfg": TrainConfig dump, "plan": see runner.plan_data}``."""
+@dataclass
+class _Worker:
+    """Who this worker is and what it trains: the config, the data plan, its rank, device and the generator."""
+
+    cfg: TrainConfig
+    plan: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    so: dict[str, Any]
+    desc: ModelDescriptor
+    channels: int
+
+    @property
+    def info(self) -> ArchInfo:
+        return self.desc.info
+
+
+def _set_up_worker(config: dict[str, Any]) -> _Worker:
+    """Parse the config, pin threads and the seed (same initial weights on every worker; DDP also broadcasts rank
+    0's), and build the generator."""
     import ray.train
     import ray.train.torch
-
-    from srbatch.train.data import CropSampler, build_val_set, read_image, to_channels
 
     cfg = TrainConfig.model_validate(config["cfg"])
     plan = config["plan"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # same initial weights on every worker (DDP also broadcasts rank 0's)
-    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
     so = cfg.fs_options()
-    degradation = cfg.degradation_config()
-
     desc = build_generator(cfg, plan["channels"], so)
-    channels = data_channels(desc.info, plan["channels"])
-    info = desc.info
+    return _Worker(cfg=cfg, plan=plan, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                   device=ray.train.torch.get_device(), so=so, desc=desc,
+                   channels=data_channels(desc.info, plan["channels"]))  # fmt: skip
 
-    # ---- data: this worker's share of the training images (all of them when there are fewer than workers)
-    train_uris: list[str] = plan["train"]
-    mine = train_uris[rank::world] if len(train_uris) >= world else train_uris
-    lr_map: dict[str, str] = plan.get("lr_map") or {}
-    images = [to_channels(read_image(u, so).pixels, channels) for u in mine]
-    lr_images = [to_channels(read_image(lr_map[u], so).pixels, channels) for u in mine] if lr_map else None
 
+@dataclass
+class _WorkerData:
+    """This worker's share of the training images (all of them when there are fewer than workers) and, on rank 0,
+    the validation pairs."""
+
+    names: list[str]
+    images: list[np.ndarray] | None
+    lr_images: list[np.ndarray] | None
+    val_set: list[Any]
+
+    def crop_sampler(self, w: _Worker, *, first_step: int) -> Any:
+        """The crop stream, seeded by (seed, rank, first step): a resumed run draws new crops, reproducibly. The
+        decoded images move into the sampler."""
+        from srbatch.train.data import CropSampler
+
+        cfg = w.cfg
+        sampler = CropSampler(self.images or [], scale=cfg.scale, crop_size=cfg.crop_size,
+                              degradation=cfg.degradation_config(),
+                              seed=(cfg.seed * 1009 + w.rank) * 1_000_003 + int(first_step), lr_images=self.lr_images,
+                              names=self.names)  # fmt: skip
+        self.images = self.lr_images = None
+        return sampler
+
+
+def _read_data(w: _Worker) -> _WorkerData:
+    """Decode this worker's training images (and their paired LR files) and, on rank 0, build the validation pairs."""
+    from srbatch.train.data import build_val_set, read_image, to_channels
+
+    cfg, so = w.cfg, w.so
+
+    def load(uri: str) -> np.ndarray:
+        return to_channels(read_image(uri, so).pixels, w.channels)
+
+    train_uris: list[str] = w.plan["train"]
+    mine = train_uris[w.rank :: w.world] if len(train_uris) >= w.world else train_uris
+    lr_map: dict[str, str] = w.plan.get("lr_map") or {}
+    images = [load(u) for u in mine]
+    lr_images = [load(lr_map[u]) for u in mine] if lr_map else None
     val_set: list[Any] = []
-    if rank == 0:
-        val = [(u, to_channels(read_image(u, so).pixels, channels)) for u in plan["val"]]
-        val_lr = {u: to_channels(read_image(lr_map[u], so).pixels, channels) for u, _ in val if u in lr_map} or None
-        val_set = build_val_set(val, scale=cfg.scale, degradation=degradation, max_size=cfg.val_max_size,
+    if w.rank == 0:
+        val = [(u, load(u)) for u in w.plan["val"]]
+        val_lr = {u: load(lr_map[u]) for u, _ in val if u in lr_map} or None
+        val_set = build_val_set(val, scale=cfg.scale, degradation=cfg.degradation_config(), max_size=cfg.val_max_size,
                                 seed=cfg.seed, lr_images=val_lr)  # fmt: skip
+    return _WorkerData(names=mine, images=images, lr_images=lr_images, val_set=val_set)
 
-    # ---- model, EMA, optimisers
-    gen = desc.module.to(device).train()
-    for p in gen.parameters():
-        p.requires_grad_(True)
-    from srbatch.train.gan import EMA
 
-    ema = EMA(gen, cfg.ema) if cfg.ema > 0 else None
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg))
-    gan = _GanParts(cfg, info, device, so) if cfg.stage == "gan" else None
+class _Training:
+    """The generator, its EMA, the optimisers and schedulers, the GAN parts, and the run's state (step, history,
+    best weights, figures before training, samples, time, restarts): everything a checkpoint holds."""
 
-    state: dict[str, Any] = {"step": 0, "history": [], "best": None, "best_step": None, "initial": None,
-                             "bicubic": None, "samples": 0, "train_seconds": 0.0, "restarts": 0}  # fmt: skip
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    def __init__(self, w: _Worker) -> None:
+        from srbatch.train.gan import EMA
+        from srbatch.train.gan_stage import GanStage
+
+        cfg = w.cfg
+        self.w, self.cfg = w, cfg
+        self.gen = w.desc.module.to(w.device).train()
+        for p in self.gen.parameters():
+            p.requires_grad_(True)
+        self.model: nn.Module = self.gen  # the DDP-wrapped generator after prepare()
+        self.ema = EMA(self.gen, cfg.ema) if cfg.ema > 0 else None
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lr_lambda(cfg))
+        self.gan = GanStage(cfg, w.info, w.device, w.so) if cfg.stage == "gan" else None
+        self.pixel_loss = nn.L1Loss() if cfg.loss == "l1" else nn.MSELoss()
+        self.amp = cfg.amp and w.device.type == "cuda"
+        self.state: dict[str, Any] = {"step": 0, "history": [], "best": None, "best_step": None, "initial": None,
+                                      "bicubic": None, "samples": 0, "train_seconds": 0.0, "restarts": 0}  # fmt: skip
+        self.step = 0
+        self.losses: list[float] = []
+        self._start_interval()
+
+    @property
+    def averaged(self) -> nn.Module:
+        """What is validated, checkpointed as the generator file and exported: the EMA copy, else the generator."""
+        return self.ema.module if self.ema is not None else self.gen
+
+    def restore(self, ckpt: Any) -> None:
+        """Continue from Ray Train's latest reported checkpoint (a restarted worker group or ``--resume``)."""
+        if ckpt is None:
+            return
         with ckpt.as_directory() as d:
             saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        gen.load_state_dict(saved["generator"])
-        opt_g.load_state_dict(saved["opt_g"])
-        sched_g.load_state_dict(saved["sched_g"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.load_state_dict(saved["ema"])
-        if gan is not None and saved.get("gan") is not None:
-            gan.load_state_dict(saved["gan"])
-        state.update(saved["state"])
-        state["restarts"] += 1
-        if rank == 0:
-            say(f"srbatch train: resumed from step {state['step']} ({ckpt.path})")
+        self.gen.load_state_dict(saved["generator"])
+        self.opt_g.load_state_dict(saved["opt_g"])
+        self.sched_g.load_state_dict(saved["sched_g"])
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.load_state_dict(saved["ema"])
+        if self.gan is not None and saved.get("gan") is not None:
+            self.gan.load_state_dict(saved["gan"])
+        self.state.update(saved["state"])
+        self.state["restarts"] += 1
+        self.step = int(self.state["step"])
+        if self.w.rank == 0:
+            say(f"srbatch train: resumed from step {self.step} ({ckpt.path})")
 
-    # Each worker's crop stream is seeded by (seed, rank, first step): a resumed run draws new crops, reproducibly.
-    sampler = CropSampler(images, scale=cfg.scale, crop_size=cfg.crop_size, degradation=degradation,
-                          seed=(cfg.seed * 1009 + rank) * 1_000_003 + int(state["step"]), lr_images=lr_images,
-                          names=mine)  # fmt: skip
-    del images, lr_images
+    def measure_starting_point(self, val_set: list[Any]) -> None:
+        """Bicubic and the initial weights on the validation pairs, once per run (rank 0)."""
+        self.state["bicubic"] = validate_bicubic(val_set, self.cfg.scale)
+        self.state["initial"] = validate(self.gen, self.w.desc, val_set, self.w.device)
+        print_val("before training", self.state["initial"], self.state["bicubic"])
 
-    if rank == 0 and state["initial"] is None:
-        state["bicubic"] = validate_bicubic(val_set, cfg.scale)
-        state["initial"] = validate(gen, desc, val_set, device)
-        _print_val("before training", state["initial"], state["bicubic"])
+    def prepare(self) -> None:
+        """Wrap the generator (and the discriminator) for DDP when there are several workers; start the clocks."""
+        import ray.train.torch
 
-    model = ray.train.torch.prepare_model(gen) if world > 1 else gen
-    if gan is not None:
-        gan.prepare(world)
-    pixel_loss = nn.L1Loss() if cfg.loss == "l1" else nn.MSELoss()
-    amp = cfg.amp and device.type == "cuda"
+        if self.w.world > 1:
+            self.model = ray.train.torch.prepare_model(self.gen)
+        if self.gan is not None:
+            self.gan.prepare(self.w.world)
+        self._start_interval()
 
-    step = int(state["step"])
-    bs = cfg.batch_size
-    t_log, samples_log, t_train0 = time.perf_counter(), 0, time.perf_counter()
-    losses: list[float] = []
-    while step < cfg.steps:
-        lr_b, hr_b = sampler.sample(bs)
+    def train_step(self, sampler: Any) -> dict[str, float]:
+        """One optimiser step of the generator (and, for the GAN stage, of the discriminator); the loss parts."""
+        info, device, step = self.w.info, self.w.device, self.step
+        lr_b, hr_b = sampler.sample(self.cfg.batch_size)
         x = model_input(to_model_space(lr_b, info), info).to(device, non_blocking=True)
         y = to_model_space(hr_b, info).to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            sr = model(x)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
+            sr = self.model(x)
         sr = sr.float()
-        if gan is None:
-            loss = pixel_loss(sr, y)
+        if self.gan is None:
+            loss = self.pixel_loss(sr, y)
             parts = {"loss": float(loss.detach())}
         else:
-            loss, parts = gan.generator_loss(sr, y, pixel_loss)
-        opt_g.zero_grad(set_to_none=True)
+            loss, parts = self.gan.generator_loss(sr, y, self.pixel_loss)
+        self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        opt_g.step()
-        sched_g.step()
-        if gan is not None:
-            parts.update(gan.discriminator_step(sr.detach(), y, sched_step=True))
-        if ema is not None:  # warm-up: early on, the average must not drag the random initial weights along
-            ema.decay = min(cfg.ema, (1 + step) / (10 + step))
-            ema.update(gen)
+        self.opt_g.step()
+        self.sched_g.step()
+        if self.gan is not None:
+            parts.update(self.gan.discriminator_step(sr.detach(), y, sched_step=True))
+        if self.ema is not None:  # warm-up: early on, the average must not drag the random initial weights along
+            self.ema.decay = min(self.cfg.ema, (1 + step) / (10 + step))
+            self.ema.update(self.gen)
         if not all(math.isfinite(v) for v in parts.values()):
             raise FloatingPointError(
                 f"step {step + 1}: a loss is not finite ({parts}); lower --lr or disable --amp, then --resume"
             )
-        step += 1
-        samples_log += bs * world
-        state["samples"] += bs * world
-        losses.append(parts["loss"])
-        _maybe_crash(step, rank, world)
+        samples = self.cfg.batch_size * self.w.world
+        self.step += 1
+        self.samples_log += samples
+        self.state["samples"] += samples
+        self.losses.append(parts["loss"])
+        return parts
 
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            dt = time.perf_counter() - t_log
-            eta = (cfg.steps - step) * dt / max(1, samples_log / (bs * world))
-            extra = "".join(f" {k} {v:.4g}" for k, v in parts.items() if k != "loss")
-            say(f"srbatch train: step {step}/{cfg.steps} loss {np.mean(losses):.5f}{extra} "
-                f"lr {sched_g.get_last_lr()[0]:.3g} {samples_log / dt:.1f} samples/s eta {eta:.0f} s")
+    def log_progress(self, parts: Mapping[str, float]) -> None:
+        """Rank 0 prints loss, learning rate, throughput and ETA every ``log_every`` steps (and at the last)."""
+        cfg, step = self.cfg, self.step
+        if self.w.rank != 0 or not (step % cfg.log_every == 0 or step == cfg.steps):
+            return
+        dt = time.perf_counter() - self.t_log
+        eta = (cfg.steps - step) * dt / max(1, self.samples_log / (cfg.batch_size * self.w.world))
+        extra = "".join(f" {k} {v:.4g}" for k, v in parts.items() if k != "loss")
+        say(f"srbatch train: step {step}/{cfg.steps} loss {np.mean(self.losses):.5f}{extra} "
+            f"lr {self.sched_g.get_last_lr()[0]:.3g} {self.samples_log / dt:.1f} samples/s eta {eta:.0f} s")
 
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            state["train_seconds"] += now - t_train0
-            metrics: dict[str, Any] = {"step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
-                                       "lr": float(sched_g.get_last_lr()[0]),
-                                       "samples_per_s": state["samples"] / max(1e-9, state["train_seconds"])}  # fmt: skip
-            losses = []
-            if rank == 0:
-                val_module = ema.module if ema is not None else gen
-                v = validate(val_module, desc, val_set, device)
-                metrics.update({f"val_{k}": x for k, x in v.items()})
-                if v and (state["best"] is None or v["psnr_y"] > state["best"]["psnr_y"]):
-                    state["best"] = v
-                    state["best_step"] = step
-                    state["best_weights"] = {k: t.detach().cpu().clone() for k, t in val_module.state_dict().items()}
-                state["history"].append({**metrics, "time": time.time(), "restarts": state["restarts"]})
-                _print_val(f"step {step}", v, state["bicubic"])
-                state["step"] = step
-                with tempfile.TemporaryDirectory(prefix="srbatch-ckpt-") as d:
-                    _write_checkpoint(d, gen, opt_g, sched_g, ema, gan, state, desc)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=f"checkpoint_{step:08d}")  # fmt: skip
-                _write_history(cfg, state["history"], so)
-            else:
-                ray.train.report(metrics)
-            t_log, samples_log, t_train0 = time.perf_counter(), 0, time.perf_counter()
+    def validate_and_checkpoint(self, val_set: list[Any]) -> None:
+        """Report the interval's metrics to Ray Train; rank 0 also validates, keeps the best weights, appends to the
+        history, and reports a checkpoint with it (``checkpoint_<step>``)."""
+        import ray.train
 
-    if rank == 0:
+        step, state = self.step, self.state
+        state["train_seconds"] += time.perf_counter() - self.t_train0
+        metrics: dict[str, Any] = {"step": step, "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                                   "lr": float(self.sched_g.get_last_lr()[0]),
+                                   "samples_per_s": state["samples"] / max(1e-9, state["train_seconds"])}  # fmt: skip
+        self.losses = []
+        if self.w.rank == 0:
+            v = validate(self.averaged, self.w.desc, val_set, self.w.device)
+            metrics.update({f"val_{k}": x for k, x in v.items()})
+            if v and (state["best"] is None or v["psnr_y"] > state["best"]["psnr_y"]):
+                state["best"] = v
+                state["best_step"] = step
+                state["best_weights"] = {k: t.detach().cpu().clone() for k, t in self.averaged.state_dict().items()}
+            state["history"].append({**metrics, "time": time.time(), "restarts": state["restarts"]})
+            print_val(f"step {step}", v, state["bicubic"])
+            state["step"] = step
+            with tempfile.TemporaryDirectory(prefix="srbatch-ckpt-") as d:
+                _write_checkpoint(d, self.gen, self.opt_g, self.sched_g, self.ema, self.gan, state, self.w.desc)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"checkpoint_{step:08d}")  # fmt: skip
+            _write_history(self.cfg, state["history"], self.w.so)
+        else:
+            ray.train.report(metrics)
+        self._start_interval()
+
+    def export(self) -> None:
+        """Rank 0: the best-validating (``--export best``) or the last weights, with the model card, to --output."""
         from srbatch.train.export import export_model
 
-        state["step"] = step
-        weights = (state.get("best_weights") if cfg.export == "best" and state.get("best_weights") is not None
-                   else (ema.module if ema is not None else gen).state_dict())  # fmt: skip
-        export_model(cfg, desc, weights, state, plan, so)
+        self.state["step"] = self.step
+        best = self.state.get("best_weights")
+        weights = best if self.cfg.export == "best" and best is not None else self.averaged.state_dict()
+        export_model(self.cfg, self.w.desc, weights, self.state, self.w.plan, self.w.so)
 
-
-def _print_val(when: str, v: Mapping[str, float], bicubic: Mapping[str, float] | None) -> None:
-    if not v:
-        return
-    b = f" ({bicubic.get('label', 'bicubic')} {bicubic['psnr_y']:.2f} dB / {bicubic['ssim_y']:.4f})" if bicubic else ""
-    say(f"srbatch train: validation {when}: PSNR_Y {v['psnr_y']:.2f} dB SSIM_Y {v['ssim_y']:.4f}{b}")
+    def _start_interval(self) -> None:
+        self.t_log = self.t_train0 = time.perf_counter()
+        self.samples_log = 0
 
 
 def _write_checkpoint(d: str, gen: nn.Module, opt_g: Any, sched_g: Any, ema: Any, gan: Any,
@@ -408,93 +433,6 @@ def _write_history(cfg: TrainConfig, history: list[Mapping[str, Any]], so: Mappi
     from srbatch.train.export import write_history
 
     write_history(history, join_uri(cfg.run_storage(), cfg.name, "history.parquet"), so)
-
-
-class _GanParts:
-    """Discriminator, VGG perceptual loss and their optimiser for ``--stage gan``."""
-
-    def __init__(self, cfg: TrainConfig, info: ArchInfo, device: torch.device, so: Mapping[str, Any]) -> None:
-        from srbatch.train.gan import PerceptualLoss, VGGFeatureExtractor, build_discriminator
-
-        self.cfg, self.info, self.device = cfg, info, device
-        self.recipe = cfg.recipe()
-        d_channels = 3 if info.color_space in ("RGB", "YCbCr") else 1
-        self.d_raw = build_discriminator(self.recipe["discriminator"], in_channels=d_channels,
-                                         crop_size=cfg.crop_size).to(device).train()  # fmt: skip
-        self.d = self.d_raw
-        self.perceptual = None
-        if self.recipe["perceptual_weight"] > 0:
-            vgg = VGGFeatureExtractor(self.recipe["perceptual_layer"], weights=cfg.vgg_weights, storage_options=so)
-            self.perceptual = PerceptualLoss(vgg.to(device), criterion=self.recipe["perceptual_criterion"],
-                                             feature_scale=self.recipe["feature_scale"])  # fmt: skip
-        self.opt = torch.optim.Adam(self.d_raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
-
-    def prepare(self, world: int) -> None:
-        # The discriminator is wrapped for DDP on its own; its real and fake batches go through it in ONE forward
-        # (concatenated), so BatchNorm statistics and DDP buffers are touched once per step.
-        if world > 1:
-            import ray.train.torch
-
-            self.d = ray.train.torch.prepare_model(self.d_raw, move_to_device=False)
-
-    def _logits(self, module: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = module(torch.cat([real, fake], 0))
-        return out[: real.shape[0]], out[real.shape[0] :]
-
-    def generator_loss(self, sr: torch.Tensor, hr: torch.Tensor, pixel_loss: nn.Module) -> tuple[torch.Tensor, dict]:
-        from srbatch.train.gan import bce_generator_loss, relativistic_generator_loss
-
-        r = self.recipe
-        sr_rgb, hr_rgb = to_rgb(sr, self.info), to_rgb(hr, self.info)
-        total = sr.new_zeros(())
-        parts: dict[str, float] = {}
-        if r["pixel_weight"] > 0:
-            lp = pixel_loss(sr, hr)
-            total = total + r["pixel_weight"] * lp
-            parts["pixel"] = float(lp.detach())
-        if self.perceptual is not None:
-            lv = self.perceptual(sr_rgb, hr_rgb)
-            total = total + r["perceptual_weight"] * lv
-            parts["perceptual"] = float(lv.detach())
-        # The generator step uses the unwrapped discriminator (no DDP gradient sync: D is not updated here) with its
-        # parameters frozen, so no unused-parameter or double-forward trouble reaches DDP.
-        for p in self.d_raw.parameters():
-            p.requires_grad_(False)
-        real_logits, fake_logits = self._logits(self.d_raw, hr_rgb, sr_rgb)
-        if r["adversarial"] == "relativistic":
-            la = relativistic_generator_loss(real_logits.detach(), fake_logits)
-        else:
-            la = bce_generator_loss(fake_logits)
-        for p in self.d_raw.parameters():
-            p.requires_grad_(True)
-        total = total + r["adversarial_weight"] * la
-        parts["adversarial"] = float(la.detach())
-        parts["loss"] = float(total.detach())
-        return total, parts
-
-    def discriminator_step(self, sr: torch.Tensor, hr: torch.Tensor, *, sched_step: bool) -> dict[str, float]:
-        from srbatch.train.gan import bce_discriminator_loss, relativistic_discriminator_loss
-
-        real_logits, fake_logits = self._logits(self.d, to_rgb(hr, self.info), to_rgb(sr, self.info))
-        if self.recipe["adversarial"] == "relativistic":
-            ld = relativistic_discriminator_loss(real_logits, fake_logits)
-        else:
-            ld = bce_discriminator_loss(real_logits, fake_logits)
-        self.opt.zero_grad(set_to_none=True)
-        ld.backward()
-        self.opt.step()
-        if sched_step:
-            self.sched.step()
-        return {"d_loss": float(ld.detach()), "d_real": float(torch.sigmoid(real_logits).mean().detach())}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"d": self.d_raw.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-
-    def load_state_dict(self, s: Mapping[str, Any]) -> None:
-        self.d_raw.load_state_dict(s["d"])
-        self.opt.load_state_dict(s["opt"])
-        self.sched.load_state_dict(s["sched"])
 
 
 __all__ = ["train_loop_per_worker", "build_generator", "validate", "validate_bicubic", "to_model_space"]
