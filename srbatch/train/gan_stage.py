@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from srbatch.inference.colorspace import from_model_space
 from srbatch.models.descriptor import ArchInfo
 from srbatch.train.config import TrainConfig
-from srbatch.train.loop import lr_lambda, to_rgb
+from srbatch.train.loop import lr_lambda
 
 __all__ = ["GanStage"]
 
@@ -53,7 +54,8 @@ class GanStage:
         from srbatch.train.gan import bce_generator_loss, relativistic_generator_loss
 
         r = self.recipe
-        sr_rgb, hr_rgb = to_rgb(sr, self.info), to_rgb(hr, self.info)
+        cs = self.info.color_space
+        sr_rgb, hr_rgb = from_model_space(sr, cs), from_model_space(hr, cs)
         total = sr.new_zeros(())
         parts: dict[str, float] = {}
         if r["pixel_weight"] > 0:
@@ -83,7 +85,8 @@ class GanStage:
     def discriminator_step(self, sr: torch.Tensor, hr: torch.Tensor, *, sched_step: bool) -> dict[str, float]:
         from srbatch.train.gan import bce_discriminator_loss, relativistic_discriminator_loss
 
-        real_logits, fake_logits = self._logits(self.d, to_rgb(hr, self.info), to_rgb(sr, self.info))
+        cs = self.info.color_space
+        real_logits, fake_logits = self._logits(self.d, from_model_space(hr, cs), from_model_space(sr, cs))
         if self.recipe["adversarial"] == "relativistic":
             ld = relativistic_discriminator_loss(real_logits, fake_logits)
         else:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from srbatch.errors import ConfigError
+from srbatch.inference.colorspace import data_channels, to_model_space
 from srbatch.models.descriptor import ArchInfo, ModelDescriptor
 from srbatch.train.config import TrainConfig
 from srbatch.train.validation import print_val, validate, validate_bicubic
@@ -88,32 +89,6 @@ def build_generator(cfg: TrainConfig, channels: int, storage_options: Mapping[st
     if desc.scale != cfg.scale:
         raise ConfigError(f"--model {cfg.model} is a x{desc.scale} variant; use --scale {desc.scale}")
     return desc
-
-
-def data_channels(info: ArchInfo, detected: int) -> int:
-    """The channel count the data is converted to for a model: its input channels, except that Y models take colour
-    data (their input is its luma)."""
-    if info.color_space == "Y":
-        return detected
-    return info.in_channels
-
-
-def to_model_space(x: torch.Tensor, info: ArchInfo) -> torch.Tensor:
-    """RGB/grey ``(N, C, H, W)`` in [0, 1] -> the model's colour space (MATLAB YCbCr, its Y, or unchanged)."""
-    from srbatch.metrics.color import rgb2ycbcr
-
-    if info.color_space == "YCbCr":
-        return rgb2ycbcr(x)
-    if info.color_space == "Y" and x.shape[1] == 3:
-        return rgb2ycbcr(x)[:, :1]
-    return x
-
-
-def to_rgb(x: torch.Tensor, info: ArchInfo) -> torch.Tensor:
-    """The model's colour space back to RGB (or grey) for the perceptual loss and the discriminator."""
-    from srbatch.metrics.color import ycbcr2rgb
-
-    return ycbcr2rgb(x) if info.color_space == "YCbCr" else x
 
 
 def model_input(lr: torch.Tensor, info: ArchInfo) -> torch.Tensor:
@@ -202,7 +177,7 @@ def _set_up_worker(config: dict[str, Any]) -> _Worker:
     desc = build_generator(cfg, plan["channels"], so)
     return _Worker(cfg=cfg, plan=plan, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
                    device=ray.train.torch.get_device(), so=so, desc=desc,
-                   channels=data_channels(desc.info, plan["channels"]))  # fmt: skip
+                   channels=data_channels(desc.info.color_space, desc.info.in_channels, plan["channels"]))  # fmt: skip
 
 
 @dataclass
@@ -322,8 +297,8 @@ class _Training:
         """One optimiser step of the generator (and, for the GAN stage, of the discriminator); the loss parts."""
         info, device, step = self.w.info, self.w.device, self.step
         lr_b, hr_b = sampler.sample(self.cfg.batch_size)
-        x = model_input(to_model_space(lr_b, info), info).to(device, non_blocking=True)
-        y = to_model_space(hr_b, info).to(device, non_blocking=True)
+        x = model_input(to_model_space(lr_b, info.color_space), info).to(device, non_blocking=True)
+        y = to_model_space(hr_b, info.color_space).to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
             sr = self.model(x)
         sr = sr.float()
