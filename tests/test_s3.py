@@ -52,4 +52,4 @@ def test_evaluate_reads_s3_and_writes_parquet_to_s3(refs, s3_bucket):
 
     with fs.open(f"{s3_bucket}/reports/ev.parquet", "rb") as f:
         table = pq.read_table(f)
-    assert table.num_rows == 5 and sorted(table.column("image").to_pylist()) == [f"img_00{i}_SRF_2" for i in range(1, 6)]
+    assert sorted(table.column("image").to_pylist()) == [f"img_00{i}_SRF_2" for i in range(1, 6)]
