@@ -13,16 +13,30 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REFS = Path(os.environ.get("SRBATCH_REFS", ROOT.parent / "shared" / "refs"))
+"""The one place tests find the reference data: ``$SRBATCH_REFS``, else ../shared/refs beside the checkout."""
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def refs_or_skip(what: str = "EXPECTED.md") -> Path:
+    """``REFS`` when ``REFS / what`` exists. Otherwise skip with the reason, or fail when ``SRBATCH_REQUIRE_REFS=1``
+    (CI sets it, so that missing reference data is an error there instead of a row of silent skips)."""
+    if (REFS / what).exists():
+        return REFS
+    msg = (
+        f"reference data not found: {REFS / what} is missing (expected ../shared/refs beside the checkout, "
+        "or set SRBATCH_REFS to its path)"
+    )
+    if os.environ.get("SRBATCH_REQUIRE_REFS") == "1":
+        pytest.fail(f"SRBATCH_REQUIRE_REFS=1 and {msg}", pytrace=False)
+    pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def refs() -> Path:
-    """The shared reference folder; tests using it skip with the reason when it is absent."""
-    if not (REFS / "EXPECTED.md").is_file():
-        pytest.skip(f"reference data not found at {REFS} (expected ../shared/refs beside the checkout, or set SRBATCH_REFS)")
-    return REFS
+    """The shared reference folder (see :func:`refs_or_skip`): skipped when absent, a failure under
+    ``SRBATCH_REQUIRE_REFS=1``."""
+    return refs_or_skip()
 
 
 def _free_port() -> int:

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _expect import assert_as_engine
+
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +70,10 @@ def test_actor_killed_mid_batch_every_input_exactly_one_ok_row(ray_cluster, s3_b
     fs = _s3()
     rng = np.random.default_rng(1)
     n = 50
+    sources = {}
     for i in range(n):
-        fs.pipe_file(f"{s3_bucket}/in/{i:02d}.png", _png(rng, 160, 160))
+        sources[f"{i:02d}.png"] = _png(rng, 160, 160)
+        fs.pipe_file(f"{s3_bucket}/in/{i:02d}.png", sources[f"{i:02d}.png"])
     out = f"s3://{s3_bucket}/out"
     cfg = UpscaleConfig(input=f"s3://{s3_bucket}/in/", output=out, model="default", scale=4, actors=2,
                         cpus_per_actor=1, torch_threads=1, batch_size=4, progress=False, run_id="chaos-kill")  # fmt: skip
@@ -98,12 +102,15 @@ def test_actor_killed_mid_batch_every_input_exactly_one_ok_row(ray_cluster, s3_b
     not_ok = [k for k, v in per_input.items() if v != ["ok"]]
     outputs = sorted(p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p)
     temps = [p for p in _s3().find(f"{s3_bucket}/") if ".srbatch-tmp-" in p]
-    for p in outputs:
-        with Image.open(io.BytesIO(_s3().cat_file(p))) as im:
+    for p in outputs:  # whole, and the default model's own pixels (those of the killed actor's batch included)
+        written = _s3().cat_file(p)
+        with Image.open(io.BytesIO(written)) as im:
             assert im.size == (640, 640), p
+        assert_as_engine(written, sources[p.rsplit("/", 1)[-1]], model="default", scale=4, name=p)
     print(f"CHAOS 1 actor killed: pid {killed} SIGKILLed mid-run; {len(per_input)}/{n} inputs with a row, "
           f"{len(per_input) - len(not_ok)} with exactly one ok row, duplicate rows {dup}, lost images "
-          f"{n - len(outputs)}, outputs {len(outputs)} all 640x640, temporary objects {len(temps)}")  # fmt: skip
+          f"{n - len(outputs)}, outputs {len(outputs)} all 640x640 with the engine's pixels, "
+          f"temporary objects {len(temps)}")  # fmt: skip
     assert res.exit_code == 0 and res.ok == n
     assert len(per_input) == n and not not_ok and dup == 0 and len(outputs) == n and not temps
 
@@ -329,7 +336,7 @@ def _job_env(tmp: str) -> dict[str, str]:
 
 
 def test_driver_killed_then_rerun_processes_only_what_is_missing(tmp_path):
-    src, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
+    src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     rng = np.random.default_rng(4)
     n = 30
@@ -361,23 +368,26 @@ def test_driver_killed_then_rerun_processes_only_what_is_missing(tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     m = re.search(r"(\d+) inputs: (\d+) ok, (\d+) failed, (\d+) skipped", rerun.stdout)
     total, ok, failed, skipped = (int(g) for g in m.groups())
-    ref = subprocess.run([*JOB, str(src), "-o", str(clean), *args, "--run-id", "clean"], env=_job_env(raytmp),
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert ref.returncode == 0, ref.stderr[-3000:]
     rows = _manifest_rows(str(out))
     oks: dict[str, int] = {}
     for r in rows:
         oks[r["input_uri"]] = oks.get(r["input_uri"], 0) + (r["status"] == "ok")
     final = {r["input_uri"]: r["status"] for r in rows if r["run_id"] == "rerun"}
-    same = sum((out / f.name).read_bytes() == f.read_bytes() for f in clean.glob("*.png"))
+    wrong = []
+    for f in sorted(src.glob("*.png")):  # written before the kill or by the rerun: the default model's own pixels
+        try:
+            assert_as_engine(out / f.name, f, model="default", scale=4, name=f.name)
+        except (AssertionError, OSError) as e:
+            wrong.append(str(e))
+    same = n - len(wrong)
     temps = [f for f in out.rglob("*") if f.name.startswith(".srbatch-tmp-")]
     print(f"CHAOS 4 driver killed: kill -9 after {done_at_kill} outputs; rerun: {ok} processed, {skipped} skipped, "
           f"{failed} failed; inputs with exactly one ok row {sum(v == 1 for v in oks.values())}/{n}; outputs "
-          f"byte-identical to a clean run {same}/{n}; temporary files {len(temps)}")  # fmt: skip
+          f"equal to the engine's direct output (within 1 level) {same}/{n}; temporary files {len(temps)}")  # fmt: skip
     assert total == n and failed == 0 and ok + skipped == n and skipped >= 1 and ok < n
     assert len(final) == n and set(final.values()) <= {"ok", "skipped"}
     assert all(v == 1 for v in oks.values()) and len(oks) == n
-    assert same == n and not temps
+    assert same == n and not temps, wrong[:3]
 
 
 # ------------------------------------------------------------------------------------------------ 5. malicious weights

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from _expect import assert_as_engine
+
 ROOT = Path(__file__).resolve().parents[1]
 SRBATCH = str(Path(sys.executable).parent / "srbatch")
 
@@ -35,20 +37,25 @@ def test_embedded_default_job(tmp_path):
         a = Image.open(ROOT / "srbatch/data/samples" / src)
         b = Image.open(out / name)
         assert b.size == (a.size[0] * 4, a.size[1] * 4) and b.mode == a.mode  # grey stays grey
+    for src in ("astronaut.png", "camera.png", "chelsea.png", "coffee.jpg"):  # the default model's own pixels
+        name = src.rsplit(".", 1)[0] + ".png"
+        assert_as_engine(out / name, ROOT / "srbatch/data/samples" / src, model="default", scale=4, name=name)
 
 
 def test_broken_inputs_fail_alone(tmp_path):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    rgba = np.zeros((10, 12, 4), np.uint8)
-    rgba[..., 0] = 200
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (10, 12, 4), dtype=np.uint8)
     rgba[..., 3] = np.arange(12, dtype=np.uint8)[None, :] * 20
     Image.fromarray(rgba, "RGBA").save(src / "sub" / "alpha.png")
-    Image.fromarray(np.full((9, 7), 100, np.uint16)).save(src / "grey16.png")
+    grey16 = np.full((9, 7), 100, np.uint16)
+    grey16[::2, 1::3] = 60000  # texture: a flipped or resampled-otherwise output differs
+    Image.fromarray(grey16).save(src / "grey16.png")
     (src / "empty.png").write_bytes(b"")
     (src / "notes.png").write_text("this is not an image")
     good = src / "good.jpg"
-    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(good)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(good)
     (src / "truncated.jpg").write_bytes(good.read_bytes()[:60])
     proc = subprocess.run([SRBATCH, "upscale", str(src), "-o", str(tmp_path / "out"), "--scale", "2"],
                           capture_output=True, text=True, timeout=300)
@@ -64,4 +71,7 @@ def test_broken_inputs_fail_alone(tmp_path):
     alpha = Image.open(tmp_path / "out/sub/alpha.png")
     assert alpha.mode == "RGBA" and alpha.size == (24, 20)
     g16 = np.array(Image.open(tmp_path / "out/grey16.png"))
-    assert g16.shape == (18, 14) and g16.dtype in (np.uint16, np.int32) and int(g16.max()) == 100
+    assert g16.shape == (18, 14) and g16.dtype in (np.uint16, np.int32) and int(g16.max()) > 255  # still 16-bit
+    for name in ("sub/alpha.png", "grey16.png", "good.jpg"):  # bicubic, the default model: colour and alpha planes
+        written = tmp_path / "out" / (name.rsplit(".", 1)[0] + ".png")
+        assert_as_engine(written, src / name, model="bicubic", scale=2, name=name)

@@ -197,9 +197,18 @@ def test_command_line_help_and_config_errors(tmp_path):
 
 @pytest.mark.refs
 def test_set5_reference_figures_match_the_published_convention(ray_cluster, refs, tmp_path):
-    """bicubic on Set5 x4 with the official LR reproduces 28.42 dB through the comparison job."""
+    """bicubic on Set5 x4 with the official LR, through the comparison job, reproduces the benchmark authors' per-image
+    Bicubic PSNR (refs/tables/result_Set5_SRF_4.csv, SelfExSR) within 0.02 dB and the published mean 28.42 dB
+    (SelfExSR README, refs/EXPECTED.md) within 0.01 dB (EXPECTED.md aims at 0.05; measured: under 0.005 dB)."""
+    import csv
+
+    table = {r["image"]: float(r["Bicubic"]) for r in csv.DictReader(open(refs / "tables/result_Set5_SRF_4.csv"))
+             if r["metric"] == "PSNR"}  # fmt: skip
     set5 = refs / "sets" / "Set5" / "image_SRF_4"
     res = run_compare(CompareConfig(images=str(set5 / "*_HR.png"), lr=str(set5 / "*_LR.png"), models="bicubic",
                                     scale=4, output=str(tmp_path / "set5"), progress=False))  # fmt: skip
-    mean = float(np.mean([r["psnr_y"] for r in res.rows]))
-    assert math.isclose(mean, 28.419, abs_tol=0.001)
+    ours = {r["image"]: r["psnr_y"] for r in res.rows}
+    assert set(ours) == set(table), sorted(ours)
+    for name, value in table.items():
+        assert math.isclose(ours[name], value, abs_tol=0.02), (name, ours[name], value)
+    assert math.isclose(float(np.mean(list(ours.values()))), 28.42, abs_tol=0.01)

@@ -1,4 +1,4 @@
-"""infra/: every manifest parses and validates against its schema (KubeRay CRDs from ../shared/refs/kuberay, the
+"""infra/: every manifest parses and validates against its schema (KubeRay CRDs from the reference data's kuberay/, the
 Kubernetes schemas of `kubernetes-validate`, Ray's cluster-launcher schema), entrypoints name files and flags that
 exist (parsed by the jobs' own parsers), and the local scheduled-run script proves the incremental story end to end."""
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import refs_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-KUBERAY = ROOT.parent / "shared" / "refs" / "kuberay"
 K8S_VERSION = "1.31"
 
 
@@ -30,9 +30,8 @@ def _all_manifests() -> list[tuple[Path, dict[str, Any]]]:
 
 
 def _crd_schema(kind: str) -> dict[str, Any]:
-    path = KUBERAY / {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}[kind]
-    if not path.exists():
-        pytest.skip(f"KubeRay CRDs are not in {KUBERAY} (../shared/refs absent): cannot validate {kind}")
+    name = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}[kind]
+    path = refs_or_skip(f"kuberay/{name}") / "kuberay" / name  # skips, or fails under SRBATCH_REQUIRE_REFS=1
     crd = yaml.safe_load(path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))

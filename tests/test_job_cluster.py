@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _expect import assert_as_engine
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,14 @@ def _write_images(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+
+
+def _assert_outputs_as_engine(src: Path, out: Path, scale: int = 2) -> None:
+    """Every input's output holds the bicubic engine's pixels (bicubic: the job's default model)."""
+    inputs = sorted(src.glob("*.png"))
+    assert inputs and sorted(p.name for p in out.glob("*.png")) == [p.name for p in inputs]
+    for p in inputs:
+        assert_as_engine(out / p.name, p, model="bicubic", scale=scale, name=p.name)
 
 
 def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
@@ -61,6 +71,7 @@ def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
     # each actor logs the device it got: one saw GPU 0, the other GPU 1
     assert "Ray GPU ids ['0'], CUDA_VISIBLE_DEVICES='0'" in out, out
     assert "Ray GPU ids ['1'], CUDA_VISIBLE_DEVICES='1'" in out, out
+    _assert_outputs_as_engine(tmp_path / "in", tmp_path / "out")
 
 
 def _e2e_helpers():
@@ -102,9 +113,11 @@ def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
     address, env, _ = ray_head
     fs = s3fs.S3FileSystem()
     rng = np.random.default_rng(11)
+    sources = []
     for i in range(5):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (16, 20 + i, 3), dtype=np.uint8)).save(buf, format="PNG")
+        sources.append(buf.getvalue())
         fs.pipe_file(f"{s3_bucket}/in/set/{i}.png", buf.getvalue())
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
@@ -128,7 +141,9 @@ def test_ray_job_submit_end_to_end(ray_cluster, ray_head, s3_server, s3_bucket):
     assert JobSubmissionClient(address).get_job_status(sid) == JobStatus.SUCCEEDED
     fs.invalidate_cache()
     for i in range(5):
-        assert Image.open(io.BytesIO(fs.cat_file(f"{s3_bucket}/out/set/{i}.png"))).size == (2 * (20 + i), 32)
+        written = fs.cat_file(f"{s3_bucket}/out/set/{i}.png")
+        assert Image.open(io.BytesIO(written)).size == (2 * (20 + i), 32)
+        assert_as_engine(written, sources[i], model="bicubic", scale=2, name=f"set/{i}.png")
     from srbatch.upscale import read_manifest
 
     rows = read_manifest(f"s3://{s3_bucket}/out/").to_pylist()
@@ -153,7 +168,7 @@ def test_driver_joins_a_loopback_head_by_its_gcs_address(ray_cluster, ray_head, 
     assert proc.returncode == 0, out
     assert f"joining the Ray cluster at {gcs}" in out, out
     assert "3 ok, 0 failed, 0 skipped" in out, out
-    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    _assert_outputs_as_engine(tmp_path / "in", tmp_path / "out")
     # the test session's own cluster is still alive
     import ray
 
@@ -194,4 +209,5 @@ def test_interrupted_run_leaves_nothing_half_written_and_resumes(tmp_path, sig):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{n - len(first)} ok, 0 failed, {len(first)} skipped" in proc.stdout, proc.stdout
     assert len(list(out.rglob("*.png"))) == n
+    _assert_outputs_as_engine(src, out, scale=4)  # those written before the signal and after the resume
     print(f"\n{signal.Signals(sig).name}: first run recorded {len(first)} of {n}; the rerun did {n - len(first)}")
