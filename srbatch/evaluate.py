@@ -284,18 +284,16 @@ def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, border: int) -> tu
     """
     import torch
 
-    from srbatch.metrics.color import rgb2ycbcr, rgb_to_y, ycbcr2rgb
-    from srbatch.metrics.resize import imresize
+    from srbatch.inference.colorspace import from_model_space, to_model_space
+    from srbatch.metrics.color import rgb_to_y
 
     x = torch.from_numpy(lr.astype(np.float64) / 255.0).permute(2, 0, 1)[None]
-    ycc = rgb2ycbcr(x)
     t0 = time.perf_counter()
-    y_sr = up.upscale_tensor(ycc[:, :1].float()).double().clamp(0, 1).cpu()
+    y_sr = up.upscale_tensor(to_model_space(x, "Y").float()).double().clamp(0, 1).cpu()
     secs = time.perf_counter() - t0
     y_hr = rgb_to_y(hr, round_output=False)
     y_sr_255 = y_sr[0, 0].numpy() * 255.0
-    cbcr = imresize(ycc[:, 1:], output_shape=tuple(y_sr.shape[-2:]))
-    rgb = ycbcr2rgb(torch.cat([y_sr, cbcr], dim=1))[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    rgb = from_model_space(y_sr, "Y", source=x)[0].permute(1, 2, 0).clamp(0, 1).numpy()
     sr_rgb = np.floor(rgb * 255.0 + 0.5).astype(np.uint8)
     return Measurement(
         psnr_y=psnr(y_sr_255, y_hr, crop_border=border, data_range=255.0),
