@@ -111,6 +111,9 @@ def test_planning_history_is_the_jobs_own_manifest_and_a_no_change_rerun(tmp_pat
     counts = table.group_by("run_id").aggregate([("input_uri", "count_distinct")]).to_pylist()
     assert sorted((c["run_id"], c["input_uri_count_distinct"]) for c in counts) == [(r, n) for r in run_ids(runs)]
     assert set(pc.unique(table["fingerprint"]).to_pylist()) == {made["fingerprint"]}
+    first, *later = run_ids(runs)  # run 0 processed everything; later runs carried the rows over, as the job does
+    statuses = {(r["run_id"], r["status"]) for r in table.select(["run_id", "status"]).to_pylist()}
+    assert statuses == {(first, "ok")} | {(r, "skipped") for r in later}
 
     cfg = UpscaleConfig(input=made["input"], output=made["output"], model=MODEL, scale=SCALE, run_id="rerun",
                         progress=False)  # fmt: skip
