@@ -69,3 +69,56 @@ def test_steady_state_leaves_out_each_actors_first_batch():
     assert res["per_actor"]["b"]["batches"] == 2
     one = steady_state([row("a", 10), row("a", 10)])  # one batch: no steady state, and the reason says so
     assert one["images_per_s"] is None and "one batch" in one["reason"]
+
+
+def test_planning_benchmark_reports_the_plan_the_history_implies():
+    """``jobs/benchmark.py planning`` as users type it: 300 inputs, 4 past runs, 10% failed in every run. A rerun must
+    process exactly the 30 failed inputs and skip the 270 others (nothing refused), and every figure is measured."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "planning", "--inputs", "300", "--runs", "4", "--failed-fraction", "0.1",
+         "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert (res["skipped"], res["todo"], res["rejected"], res["total"]) == (270, 30, 0, 300)
+    assert res["manifest_rows"] == 1200 and res["latest"] == 300 and res["failed"] == 30
+    for step in ("read_manifest", "latest_rows", "plan"):
+        assert res["seconds"][step] > 0, step
+    assert res["total_s"] >= sum(res["seconds"][s] for s in ("read_manifest", "latest_rows", "plan")) > 0
+    assert 0 < res["rss_before_mib"] <= res["peak_rss_mib"]
+    assert res["machine"]["cpus"] >= 1 and res["load_avg_1m"] >= 0
+    assert not os.path.exists(res["workdir"])  # removed without --keep
+    assert res["files"] == 300 + 270 + 4 * 1  # inputs, outputs of the ok inputs, one Parquet part per run
+    assert "30 to process, 270 skipped, 0 refused" in proc.stdout
+
+
+def test_planning_history_is_the_jobs_own_manifest_and_a_no_change_rerun(tmp_path, capsys):
+    """The synthetic history read by ``srbatch.read_manifest``: R x N rows of the job's schema, N per run. And the job
+    itself agrees it is a no-change rerun: ``run_job`` with the same configuration skips all N inputs (no Ray needed,
+    since nothing is left to do) and adds one run of N skipped rows."""
+    import pyarrow.compute as pc
+
+    import srbatch
+    from srbatch.benchmark.planning import MODEL, SCALE, make_history, run_ids
+    from srbatch.upscale import MANIFEST_SCHEMA, UpscaleConfig, run_job
+
+    n, runs = 40, 3
+    made = make_history(str(tmp_path), n, runs, 0.0)
+    table = srbatch.read_manifest(made["output"])
+    assert table.num_rows == runs * n
+    assert table.schema.equals(MANIFEST_SCHEMA)
+    counts = table.group_by("run_id").aggregate([("input_uri", "count_distinct")]).to_pylist()
+    assert sorted((c["run_id"], c["input_uri_count_distinct"]) for c in counts) == [(r, n) for r in run_ids(runs)]
+    assert set(pc.unique(table["fingerprint"]).to_pylist()) == {made["fingerprint"]}
+    first, *later = run_ids(runs)  # run 0 processed everything; later runs carried the rows over, as the job does
+    statuses = {(r["run_id"], r["status"]) for r in table.select(["run_id", "status"]).to_pylist()}
+    assert statuses == {(first, "ok")} | {(r, "skipped") for r in later}
+
+    cfg = UpscaleConfig(input=made["input"], output=made["output"], model=MODEL, scale=SCALE, run_id="rerun",
+                        progress=False)  # fmt: skip
+    res = run_job(cfg)
+    assert (res.skipped, res.ok, res.failed, res.exit_code) == (n, 0, 0, 0)
+    after = srbatch.read_manifest(made["output"])
+    assert after.num_rows == (runs + 1) * n
+    assert after.filter(pc.equal(after["run_id"], "rerun"))["status"].unique().to_pylist() == ["skipped"]

@@ -95,6 +95,11 @@ def _ping() -> int:
 def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py") -> int:
     """Run the benchmark as ``python jobs/benchmark.py`` does; returns the exit code (0 done, 1 an image failed in
     the job, 2 bad arguments or setup)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["planning"]:  # `jobs/benchmark.py planning ...`: the planning benchmark, its own flags
+        from srbatch.benchmark.planning import main as planning_main
+
+        return planning_main(argv[1:], prog=f"{prog} planning")
     from srbatch.jobkit.cluster import ray_env_defaults
 
     ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
