@@ -36,7 +36,8 @@ def test_fp32_on_cuda_equals_cpu(name):
     torch.manual_seed(0)
     desc = build_model(name, scale=2 if name != "srresnet" else 4)
     x = torch.rand(2, desc.info.in_channels, 24, 20)
-    cpu = Upscaler(desc, device="cpu", tiling=TilingConfig(tile=0)).upscale_tensor(x)
+    with torch.no_grad():
+        cpu = desc.module.float().cpu()(x)  # the network itself on the CPU: independent of the engine
     gpu_up = Upscaler(desc, device="cuda", tiling=TilingConfig(tile=0))
     assert gpu_up.device.type == "cuda"
     gpu = gpu_up.upscale_tensor(x.cuda())
@@ -49,6 +50,8 @@ def test_half_precision_on_cuda_stays_close_to_fp32(dtype):
     desc = load_model("default", scale=4)
     img = _texture()
     ref = Upscaler(desc, device="cuda", tiling=TilingConfig(tile=0)).upscale_array(img.astype(np.float32) / 255)
+    cpu = Upscaler(desc, device="cpu", tiling=TilingConfig(tile=0)).upscale_array(img.astype(np.float32) / 255)
+    assert np.abs(ref - cpu).max() < 2e-3 and ref.std() > 0.05  # fp32 on CUDA is the CPU's (textured) image
     half = Upscaler(desc, device="cuda", dtype=dtype, tiling=TilingConfig(tile=0)).upscale_array(
         img.astype(np.float32) / 255
     )

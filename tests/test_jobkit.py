@@ -120,4 +120,4 @@ def test_shared_fields_come_last_in_help_and_secrets_are_redacted():
     assert cfg.fs_options()["client_kwargs"] == {"endpoint_url": "http://e"}
     assert issubclass(_Job, JobConfig) and _Job.model_config["frozen"] and _Job.model_config["extra"] == "forbid"
     with pytest.raises(ValueError, match="max_actors"):
-        _Job(images="x", actors=3, max_actors=2)._check_pool()
+        _Job(images="x", actors=3, max_actors=2)

@@ -38,7 +38,6 @@ from typing import Any
 
 __all__ = ["build_parser", "main", "make_history", "run_ids"]
 
-PART_ROWS = 5000  # ManifestWriter's default flush_rows: how the job cuts a run into parts
 FILES_PER_FOLDER = 1000
 MODEL, SCALE = "bicubic", 4  # a weight-free model: its identity costs nothing to load, as a checkpoint's would not
 MEASURED_RUN = "bench-planning"
@@ -102,7 +101,7 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
     import pyarrow.parquet as pq
 
     from srbatch.io.storage import join_uri
-    from srbatch.upscale.manifest import SCHEMA, run_uri
+    from srbatch.upscale.manifest import FLUSH_ROWS, SCHEMA, part_name, run_uri
     from srbatch.upscale.plan import fingerprint
     from srbatch.upscale.runner import _model_identity
 
@@ -172,8 +171,8 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
         folder = run_uri(out_dir, run_id)
         os.makedirs(folder, exist_ok=True)
         token = uuid.UUID(int=r + 1).hex[:8]
-        for seq, start in enumerate(range(0, n, PART_ROWS)):
-            pq.write_table(table.slice(start, PART_ROWS), os.path.join(folder, f"part-{seq:05d}-{token}.parquet"),
+        for seq, start in enumerate(range(0, n, FLUSH_ROWS)):
+            pq.write_table(table.slice(start, FLUSH_ROWS), os.path.join(folder, part_name(seq, token)),
                            compression="zstd")  # fmt: skip
     return {"input": in_dir, "output": out_dir, "failed": failed, "fingerprint": fp}
 

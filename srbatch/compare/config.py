@@ -116,7 +116,6 @@ class CompareConfig(ActorPoolConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> CompareConfig:
-        self._check_pool()
         if self.lr and self.mode == "real":
             raise ValueError("--lr gives reference pairs; drop it or use --mode reference")
         return self

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from srbatch.errors import ConfigError
 
@@ -77,10 +77,11 @@ class ActorPoolConfig(JobConfig):
     batch_size: int = Field(4, ge=1, description="images handed to an actor per call")
     progress: bool = Field(True, description="show a progress bar on stderr")
 
-    def _check_pool(self) -> None:
-        """For the subclasses' ``model_validator``: the pool's bounds are consistent."""
+    @model_validator(mode="after")
+    def _check_pool(self) -> ActorPoolConfig:
         if self.max_actors is not None and self.actors is not None and self.max_actors < self.actors:
             raise ValueError(f"max_actors ({self.max_actors}) is smaller than actors ({self.actors}); raise it")
+        return self
 
 
 def default_run_id() -> str:

@@ -78,7 +78,10 @@ def run_actor_pool(
                     if pending.pop(str(row[key]), None) is None:
                         continue  # a retried batch's duplicate: its first row already counts
                     on_row(row)
-                    ok, failed = (ok + 1, failed) if row.get("status") == "ok" else (ok, failed + 1)
+                    if row.get("status") == "ok":
+                        ok += 1
+                    else:
+                        failed += 1
                     bar.update(1)
                     bar.set_postfix(ok=ok, failed=failed, refresh=False)
         for item in list(pending.values()):

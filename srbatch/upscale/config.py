@@ -81,8 +81,7 @@ class UpscaleConfig(ActorPoolConfig):
         return v.lower() if v else v
 
     @model_validator(mode="after")
-    def _pool(self) -> UpscaleConfig:
-        self._check_pool()
+    def _quality(self) -> UpscaleConfig:
         if self.quality is not None and self.format not in ("JPEG", "WEBP"):
             raise ValueError(f"quality applies to JPEG and WEBP only, not {self.format}; drop it or change format")
         return self

@@ -111,6 +111,15 @@ def _is_local(fs: Any) -> bool:
     return proto in ("file", "local")
 
 
+FLUSH_ROWS = 5000
+"""Rows per manifest part (a run's rows are cut into parts of at most this many, plus time-based flushes)."""
+
+
+def part_name(seq: int, token: str) -> str:
+    """The file name of part ``seq`` of a run written by the writer identified by ``token``."""
+    return f"part-{seq:05d}-{token}.parquet"
+
+
 class ManifestWriter:
     """Buffers rows and writes them as numbered Parquet parts of one run. Call :meth:`add` and :meth:`close`."""
 
@@ -121,7 +130,7 @@ class ManifestWriter:
         storage_options: Mapping[str, Any] | None = None,
         *,
         flush_seconds: float = 30.0,
-        flush_rows: int = 5000,
+        flush_rows: int = FLUSH_ROWS,
     ) -> None:
         self.uri = run_uri(output, run_id)
         self.fs, self.path = filesystem(self.uri, storage_options)
@@ -147,7 +156,7 @@ class ManifestWriter:
             return
         buf = io.BytesIO()
         pq.write_table(to_table(self._rows), buf, compression="zstd")
-        name = f"part-{self._seq:05d}-{self._token}.parquet"
+        name = part_name(self._seq, self._token)
         path = posixpath.join(self.path, name)
         try:
             _put_atomic(self.fs, path, buf.getvalue())
