@@ -16,7 +16,7 @@ IMAGE_EXTENSIONS = frozenset(
      ".heic", ".heif"}
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "read_bytes", "write_bytes", "join_uri", "filesystem"]
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "list_files", "read_bytes", "write_bytes", "join_uri", "filesystem"]
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -82,6 +82,26 @@ def list_images(
     if not out:
         raise StorageError(f"no images found under {spec!r} (extensions: {', '.join(sorted(extensions))})")
     return out
+
+
+def list_files(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    skip_top: tuple[str, ...] = ("_manifest", "_srbatch"),
+) -> list[str]:
+    """Every file under the prefix ``uri`` as filesystem paths (no protocol), sorted, hidden files included, the
+    top-level folders ``skip_top`` left out. An absent prefix gives an empty list."""
+    fs, path = filesystem(uri, storage_options)
+    base = path.rstrip("/")
+    try:
+        fs.invalidate_cache()
+        if not fs.exists(base):
+            return []
+        skip = tuple(f"{base}/{d}/" for d in skip_top)
+        return sorted(p.rstrip("/") for p in fs.find(base) if not p.startswith(skip))
+    except Exception as e:
+        raise StorageError(f"could not list {uri!r}: {type(e).__name__}: {e}") from e
 
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:

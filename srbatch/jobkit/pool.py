@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
+
 from srbatch.jobkit.resources import ActorResources
 
 __all__ = ["run_actor_pool", "LOST_RESULT"]
@@ -22,8 +24,12 @@ __all__ = ["run_actor_pool", "LOST_RESULT"]
 LOST_RESULT = "LostResult"
 
 
+MAX_BLOCKS = 2000
+"""At most this many Ray Data blocks per pipeline (large inputs get blocks of many items, read in ``batch_size``)."""
+
+
 def run_actor_pool(
-    items: Sequence[Mapping[str, Any]],
+    items: pa.Table | Sequence[Mapping[str, Any]],
     *,
     key: str,
     actor: type,
@@ -37,31 +43,46 @@ def run_actor_pool(
     log: logging.Logger | None = None,
 ) -> None:
     """Run ``actor`` (a callable class for ``Dataset.map_batches``, built once per actor with ``actor_kwargs`` and
-    ``torch_threads``) over ``items`` (small dicts: keys and URIs, never pixels) on Ray, calling ``on_row`` once per
-    item with its first result row (rows are matched to items by the column ``key``).
+    ``torch_threads``) over ``items`` (an Arrow table, or a few small dicts: keys and URIs, never pixels) on Ray,
+    calling ``on_row`` once per item with its first result row (rows are matched to items by the column ``key``).
 
-    Items without a result get ``lost_row(item, error_type, message)`` passed to ``on_row``: error type
-    :data:`LOST_RESULT` when the pipeline finished without them, the exception's type when the pipeline itself broke
-    (which is logged, not raised). ``KeyboardInterrupt`` propagates; the rows handed over so far stay handed over.
+    The dataset is built from Arrow slices of ``items`` (never one Python object per item on the driver); the driver
+    keeps only the set of keys that came back. Items without a result get ``lost_row(item, error_type, message)``
+    passed to ``on_row``: error type :data:`LOST_RESULT` when the pipeline finished without them, the exception's type
+    when the pipeline itself broke (which is logged, not raised). ``KeyboardInterrupt`` propagates; the rows handed
+    over so far stay handed over.
     """
+    import pyarrow.compute as pc
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
 
     log = log or logging.getLogger("srbatch")
-    pending = {str(it[key]): it for it in items}
-    if len(pending) != len(items):
-        raise ValueError(f"run_actor_pool: the items' {key!r} values are not unique")
-    if not items:
+    table = items if isinstance(items, pa.Table) else pa.Table.from_pylist([dict(it) for it in items])
+    n = table.num_rows
+    if n == 0:
         return
+    keys = table[key].cast(pa.string())
+    if pc.count_distinct(keys).as_py() != n:
+        raise ValueError(f"run_actor_pool: the items' {key!r} values are not unique")
+    seen: set[str] = set()
+
+    def lose(error_type: str, message: str) -> None:
+        missing = table.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(seen), pa.string()))))
+        for start in range(0, missing.num_rows, 10_000):  # a few Python dicts at a time
+            for item in missing.slice(start, 10_000).to_pylist():
+                on_row(lost_row(item, error_type, message))
+                seen.add(str(item[key]))
+
     try:
         if not log.isEnabledFor(logging.INFO):
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
-        blocks = max(1, min(len(items), math.ceil(len(items) / batch_size)))
-        ds = ray.data.from_items([dict(it) for it in items], override_num_blocks=blocks).map_batches(
+        per_block = max(batch_size, math.ceil(n / MAX_BLOCKS))
+        blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
+        ds = ray.data.from_arrow(blocks).map_batches(
             actor,
             fn_constructor_kwargs={**actor_kwargs, "torch_threads": resources.torch_threads},
             batch_size=batch_size,
@@ -69,14 +90,17 @@ def run_actor_pool(
             compute=ActorPoolStrategy(min_size=resources.actors, max_size=resources.max_actors),
             **resources.remote_args(),
         )
-        bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+        del blocks
+        bar = tqdm(total=n, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0, desc=desc)  # fmt: skip
         ok = failed = 0
         with bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 for row in batch.to_pylist():
-                    if pending.pop(str(row[key]), None) is None:
+                    k = str(row[key])
+                    if k in seen:
                         continue  # a retried batch's duplicate: its first row already counts
+                    seen.add(k)
                     on_row(row)
                     if row.get("status") == "ok":
                         ok += 1
@@ -84,14 +108,10 @@ def run_actor_pool(
                         failed += 1
                     bar.update(1)
                     bar.set_postfix(ok=ok, failed=failed, refresh=False)
-        for item in list(pending.values()):
-            on_row(lost_row(item, LOST_RESULT, "the pipeline finished without a result for this input; rerun the job "
-                                               "to retry it"))  # fmt: skip
-        pending.clear()
+        if len(seen) < n:
+            lose(LOST_RESULT, "the pipeline finished without a result for this input; rerun the job to retry it")
     except KeyboardInterrupt:
         raise
     except Exception as e:  # the pipeline itself broke: every unfinished item still gets its row
         log.error("the Ray pipeline failed: %s: %s", type(e).__name__, e)
-        for item in list(pending.values()):
-            on_row(lost_row(item, type(e).__name__, f"the job's Ray pipeline failed before this input: {e}"[:2000]))
-        pending.clear()
+        lose(type(e).__name__, f"the job's Ray pipeline failed before this input: {e}"[:2000])

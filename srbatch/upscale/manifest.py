@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srbatch.errors import StorageError
@@ -67,6 +69,8 @@ SCHEMA = pa.schema(
 """Column types of the manifest. See README, "The manifest", for the meaning of each column."""
 
 STATUSES = ("ok", "failed", "skipped")
+OUTCOME_STATUSES = ("ok", "failed")
+"""Statuses that record work done on an input (``skipped`` only carries an earlier outcome over)."""
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -93,26 +97,33 @@ def run_uri(output: str, run_id: str) -> str:
     return join_uri(output, MANIFEST_DIR, f"run={run_id}")
 
 
-def _put_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing or the whole file."""
+def put_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file: one PUT on object stores, a hidden temp
+    file renamed into place on local disks."""
     parent = posixpath.dirname(path)
-    if _is_local(fs):
-        fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".srbatch-tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".srbatch-tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     else:  # object stores: one PUT; the object appears only when complete
         fs.pipe_file(path, data)
 
 
-def _is_local(fs: Any) -> bool:
+def is_local(fs: Any) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return proto in ("file", "local")
 
 
 FLUSH_ROWS = 5000
-"""Rows per manifest part (a run's rows are cut into parts of at most this many, plus time-based flushes)."""
+"""Rows per manifest part written row by row (parts are also cut every ``flush_seconds``)."""
+TABLE_PART_ROWS = 250_000
+"""Rows per manifest part written from a table (the skipped inputs of a run)."""
 
 
 def part_name(seq: int, token: str) -> str:
@@ -121,7 +132,12 @@ def part_name(seq: int, token: str) -> str:
 
 
 class ManifestWriter:
-    """Buffers rows and writes them as numbered Parquet parts of one run. Call :meth:`add` and :meth:`close`."""
+    """Buffers rows and writes them as numbered Parquet parts of one run. Call :meth:`add` (one row),
+    :meth:`add_table` (many rows at once, e.g. the skipped inputs) and :meth:`close`.
+
+    The outcome rows written (status ok/failed) are kept as Arrow tables in :attr:`outcomes`, for the run state.
+    ``on_flush`` is called after each part is written (the job refreshes its active-run marker there).
+    """
 
     def __init__(
         self,
@@ -131,17 +147,20 @@ class ManifestWriter:
         *,
         flush_seconds: float = 30.0,
         flush_rows: int = FLUSH_ROWS,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
         self.uri = run_uri(output, run_id)
         self.fs, self.path = filesystem(self.uri, storage_options)
         self.flush_seconds = flush_seconds
         self.flush_rows = flush_rows
+        self.on_flush = on_flush
         self._rows: list[dict[str, Any]] = []
         self._last = time.monotonic()
         self._token = uuid.uuid4().hex[:8]
         self._seq = 0
         self.parts: list[str] = []
         self.rows_written = 0
+        self.outcomes: list[pa.Table] = []
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Queue one row; writes a part when enough rows or time have gathered."""
@@ -149,27 +168,48 @@ class ManifestWriter:
         if len(self._rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
             self.flush()
 
+    def add_table(self, table: pa.Table, *, rows_per_part: int = TABLE_PART_ROWS) -> None:
+        """Write ``table`` (manifest schema) as parts of at most ``rows_per_part`` rows, straight from Arrow."""
+        self.flush()
+        for start in range(0, table.num_rows, rows_per_part):
+            self._write(table.slice(start, rows_per_part))
+
     def flush(self) -> None:
         """Write the queued rows as one part (nothing when the queue is empty)."""
         self._last = time.monotonic()
         if not self._rows:
             return
+        self._write(to_table(self._rows))
+        self._rows.clear()
+
+    def _write(self, table: pa.Table) -> None:
         buf = io.BytesIO()
-        pq.write_table(to_table(self._rows), buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd")
         name = part_name(self._seq, self._token)
         path = posixpath.join(self.path, name)
         try:
-            _put_atomic(self.fs, path, buf.getvalue())
+            put_atomic(self.fs, path, buf.getvalue())
         except Exception as e:
             raise StorageError(f"could not write manifest part {join_uri(self.uri, name)}: {type(e).__name__}: {e}") from e
         self._seq += 1
-        self.rows_written += len(self._rows)
+        self.rows_written += table.num_rows
         self.parts.append(join_uri(self.uri, name))
-        self._rows.clear()
+        outcome = table.filter(pc.is_in(table["status"], pa.array(OUTCOME_STATUSES)))
+        if outcome.num_rows:
+            self.outcomes.append(outcome)
+        if self.on_flush is not None:
+            try:
+                self.on_flush()
+            except Exception as e:  # a marker is a courtesy to `srbatch manifest compact`; never fail the run for it
+                log.warning("could not refresh the active-run marker: %s", e)
 
     def close(self) -> None:
         """Write what is left."""
         self.flush()
+
+    def outcome_table(self) -> pa.Table | None:
+        """Every outcome row written so far, as one table (None when there is none)."""
+        return pa.concat_tables(self.outcomes) if self.outcomes else None
 
 
 def read_manifest(output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:

@@ -9,12 +9,17 @@ import posixpath
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-from srbatch.errors import ConfigError, StorageError
-from srbatch.io.storage import filesystem, join_uri, list_images
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from srbatch.errors import ConfigError
+from srbatch.io.storage import filesystem, list_files, list_images
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import MANIFEST_DIR
+from srbatch.upscale.manifest import MANIFEST_DIR, SCHEMA
+from srbatch.upscale.state import CONTROL_DIR
 
 __all__ = ["Task", "Plan", "input_root", "relative_key", "output_key", "fingerprint", "make_plan"]
 
@@ -33,11 +38,11 @@ class Task:
 
 @dataclass
 class Plan:
-    """What a run will do: ``todo`` goes to the actors, ``skipped`` are previous rows carried over, ``rejected``
-    failed before any work (unsafe keys)."""
+    """What a run will do: ``todo`` (input_uri, output_uri) goes to the actors, ``skipped`` are the manifest rows of
+    inputs already done (their latest outcome carried over), ``rejected`` failed before any work (unsafe keys)."""
 
-    todo: list[Task] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    todo: pa.Table = field(default_factory=lambda: TODO_SCHEMA.empty_table())
+    skipped: pa.Table = field(default_factory=lambda: SCHEMA.empty_table())
     rejected: list[Task] = field(default_factory=list)
     total: int = 0
 
@@ -68,8 +73,10 @@ def output_key(rel: str, fmt: str) -> str:
     parts = key.split("/")
     if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ConfigError(f"unsafe input key {rel!r}: absolute, empty, '.' or '..' path parts are refused; rename it")
-    if parts[0] == MANIFEST_DIR or any(p.startswith(TMP_PREFIX) for p in parts):
-        raise ConfigError(f"input key {rel!r} clashes with srbatch's own files ({MANIFEST_DIR}/, {TMP_PREFIX}*)")
+    if parts[0] in (MANIFEST_DIR, CONTROL_DIR) or any(p.startswith(TMP_PREFIX) for p in parts):
+        raise ConfigError(
+            f"input key {rel!r} clashes with srbatch's own files ({MANIFEST_DIR}/, {CONTROL_DIR}/, {TMP_PREFIX}*)"
+        )
     return posixpath.splitext(key)[0] + _EXT[fmt]
 
 
@@ -90,27 +97,55 @@ def fingerprint(cfg: UpscaleConfig, model_id: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def existing_outputs(output: str, storage_options: Mapping[str, Any] | None) -> set[str]:
-    """Every file under the output prefix, as filesystem paths (empty when the prefix does not exist yet)."""
-    fs, path = filesystem(output, storage_options)
-    try:
-        fs.invalidate_cache()  # actors wrote here; the driver's cached listings are stale
-        if not fs.exists(path):
-            return set()
-        return {p.rstrip("/") for p in fs.find(path)}
-    except Exception as e:
-        raise StorageError(f"could not list the output {output!r}: {type(e).__name__}: {e}") from e
+def existing_outputs(output: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """Every file under the output prefix (outside ``_manifest/`` and ``_srbatch/``), as filesystem paths."""
+    return list_files(output, storage_options, skip_top=(MANIFEST_DIR, CONTROL_DIR))
+
+
+# Keys the vectorised path cannot decide alone: anything output_key might refuse or change (non-ASCII: NFC; dot files;
+# backslashes and control characters; empty, '.', '..' parts; srbatch's own folders and temp files).
+_SUSPECT = (
+    r"[\\\x00-\x1f]|^/|//|/$|(^|/)\.|^(" + MANIFEST_DIR + "|" + CONTROL_DIR + r")(/|$)"
+)
+
+
+def output_keys(rel: pa.Array, fmt: str) -> tuple[pa.Array, dict[int, str]]:
+    """:func:`output_key` of every relative key in ``rel``, vectorised (Python only for the rare keys that need a
+    closer look). Returns the keys (null where refused) and {row: reason} of the refused ones."""
+    ext = _EXT[fmt]
+    keys = pc.replace_substring_regex(rel, r"(\.[^./]*)?$", ext, max_replacements=1)
+    suspect = pc.or_(pc.invert(pc.string_is_ascii(rel)), pc.match_substring_regex(rel, _SUSPECT))
+    refused: dict[int, str] = {}
+    idx = pc.indices_nonzero(suspect).to_pylist()
+    if idx:
+        fixed = keys.to_pylist()
+        for i, r in zip(idx, rel.take(idx).to_pylist()):
+            try:
+                fixed[i] = output_key(r, fmt)
+            except ConfigError as e:
+                fixed[i] = None
+                refused[i] = str(e)
+        keys = pa.array(fixed, pa.string())
+    return keys, refused
+
+
+TODO_SCHEMA = pa.schema([pa.field("input_uri", pa.string(), nullable=False), pa.field("output_uri", pa.string())])
 
 
 def make_plan(
     cfg: UpscaleConfig,
     fp: str,
-    latest: Mapping[str, Mapping[str, Any]],
+    state: pa.Table | None,
     *,
     run_id: str,
+    outputs: list[str] | None = None,
 ) -> Plan:
-    """List the inputs and decide, per input, process / skip (done before with the same fingerprint and its output
-    still there) / reject (unsafe key)."""
+    """List the inputs and decide, per input, process / skip / reject, in Arrow (no Python object per input).
+
+    An input is skipped when its latest outcome in ``state`` (see :mod:`srbatch.upscale.state`) is ``ok`` with the
+    same fingerprint and output key, and its output is still there (``outputs``: the output listing, listed here
+    when not given). Unsafe or clashing keys are rejected.
+    """
     so = cfg.fs_options()
     uris = list_images(cfg.input, so)
     root = input_root(cfg.input)
@@ -118,39 +153,74 @@ def make_plan(
         root = posixpath.dirname(cfg.input.rstrip("/"))
     if "://" not in cfg.input:  # local listings come back as absolute paths
         root = os.path.abspath(root or ".")
-    out_fs, out_path = filesystem(cfg.output, so)
-    have = existing_outputs(cfg.output, so) if not cfg.force else set()
-    plan = Plan(total=len(uris))
-    seen: dict[str, str] = {}
-    for uri in uris:
-        try:
-            key = output_key(relative_key(uri, root), cfg.format)
-        except ConfigError as e:
-            plan.rejected.append(Task(uri, None, str(e)))
-            continue
-        out_uri = join_uri(cfg.output, key)
-        if key in seen:
-            plan.rejected.append(
-                Task(uri, None, f"output key {key!r} is also the output of {seen[key]}; rename one of them")
-            )
-            continue
-        seen[key] = uri
-        prev = latest.get(uri)
-        done = (
-            not cfg.force
-            and prev is not None
-            and prev.get("status") in ("ok", "skipped")
-            and prev.get("fingerprint") == fp
-            and prev.get("output_uri") == out_uri
-            and out_fs._strip_protocol(out_uri).rstrip("/") in have
+    inputs = pa.array(uris, pa.string())
+    del uris
+    plan = Plan(total=len(inputs))
+    root = root.rstrip("/")
+    if root:
+        under = pc.starts_with(inputs, root + "/")
+        rel = pc.if_else(
+            under,
+            pc.replace_substring(inputs, root + "/", "", max_replacements=1),
+            pc.replace_substring_regex(inputs, r"^.*/", "", max_replacements=1),
         )
-        if done:
-            row = dict(prev)
-            row.update(
-                run_id=run_id, status="skipped", actor_id=None, read_s=None, decode_s=None, infer_s=None,
-                encode_s=None, write_s=None, total_s=None, error_type=None, error_message=None,
-            )  # fmt: skip
-            plan.skipped.append(row)
-        else:
-            plan.todo.append(Task(uri, out_uri))
+    else:
+        rel = pc.replace_substring_regex(inputs, r"^.*/", "", max_replacements=1)
+    keys, refused = output_keys(rel, cfg.format)
+    # two inputs with one output key (a.png and a.jpg): the first (in sorted order) keeps it
+    counts = pc.value_counts(keys.drop_null())
+    dup_keys = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(dup_keys):
+        first: dict[str, str] = {}
+        for i in pc.indices_nonzero(pc.is_in(keys, value_set=dup_keys)).to_pylist():
+            k, u = keys[i].as_py(), inputs[i].as_py()
+            if k in first:
+                refused[i] = f"output key {k!r} is also the output of {first[k]}; rename one of them"
+            else:
+                first[k] = u
+    for i, why in sorted(refused.items()):
+        plan.rejected.append(Task(inputs[i].as_py(), None, why))
+    ok_mask = pa.array([i not in refused for i in range(len(inputs))]) if refused else None
+    out_base = cfg.output.rstrip("/")
+    out_uris = pc.binary_join_element_wise(out_base, keys, "/")
+    table = pa.table({"input_uri": inputs, "output_uri": out_uris}, schema=TODO_SCHEMA)
+    if ok_mask is not None:
+        table = table.filter(ok_mask)
+    if cfg.force or state is None or state.num_rows == 0:
+        plan.todo = table
+        return plan
+    have = existing_outputs(cfg.output, so) if outputs is None else outputs
+    out_fs, _ = filesystem(cfg.output, so)
+    path_base = out_fs._strip_protocol(cfg.output).rstrip("/")
+    out_paths = pc.binary_join_element_wise(path_base, pc.replace_substring(table["output_uri"], out_base + "/", "",
+                                                                            max_replacements=1), "/")  # fmt: skip
+    exists = pc.is_in(out_paths, value_set=pa.array(have, pa.string()))
+    del have
+    prev = state.select(["input_uri", "status", "fingerprint", "output_uri"]).rename_columns(
+        ["input_uri", "prev_status", "prev_fingerprint", "prev_output_uri"]
+    )
+    joined = table.append_column("exists", exists).join(prev, "input_uri", join_type="left outer")
+    done = pc.and_kleene(
+        pc.and_kleene(pc.equal(joined["prev_status"], "ok"), pc.equal(joined["prev_fingerprint"], fp)),
+        pc.and_kleene(pc.equal(joined["prev_output_uri"], joined["output_uri"]), joined["exists"]),
+    ).fill_null(False)
+    plan.todo = joined.filter(pc.invert(done)).select(TODO_SCHEMA.names).sort_by("input_uri")
+    done_uris = joined.filter(done)["input_uri"]
+    plan.skipped = skipped_rows(state.filter(pc.is_in(state["input_uri"], value_set=done_uris)), run_id)
     return plan
+
+
+def skipped_rows(prev: pa.Table, run_id: str) -> pa.Table:
+    """The manifest rows of inputs carried over from their latest outcome ``prev``: this run's id, status
+    ``skipped``, no timings, no actor, no error; ``finished_at`` is now."""
+    n = prev.num_rows
+    t = prev.sort_by("input_uri")
+    now = pa.scalar(datetime.now(timezone.utc), SCHEMA.field("finished_at").type)
+    for name in ("actor_id", "read_s", "decode_s", "infer_s", "encode_s", "write_s", "total_s", "error_type",
+                 "error_message"):  # fmt: skip
+        t = t.set_column(t.schema.get_field_index(name), SCHEMA.field(name), pa.nulls(n, SCHEMA.field(name).type))
+    for name, value in (("run_id", pa.scalar(run_id, pa.string())), ("status", pa.scalar("skipped", pa.string())),
+                        ("finished_at", now)):  # fmt: skip
+        col = pa.repeat(value, n) if n else pa.array([], value.type)
+        t = t.set_column(t.schema.get_field_index(name), SCHEMA.field(name), col)
+    return t

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, TextIO
 
+import pyarrow as pa
+
+from srbatch.io.storage import filesystem
 from srbatch.jobkit.cli import ExitCode
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import ManifestWriter, empty_row, latest_rows, read_manifest, run_uri
-from srbatch.upscale.plan import TMP_PREFIX, Plan, fingerprint, make_plan
+from srbatch.upscale.manifest import SCHEMA, ManifestWriter, empty_row, run_uri
+from srbatch.upscale.plan import TMP_PREFIX, Plan, existing_outputs, fingerprint, make_plan
+from srbatch.upscale.state import LoadedState, RunState, fold
 
 log = logging.getLogger("srbatch.upscale")
 
 __all__ = ["JobResult", "run_job"]
+
+MAX_FAILURES_KEPT = 100
+"""Failures kept in :attr:`JobResult.failures` (the summary prints 10; the manifest holds every one)."""
 
 
 @dataclass
@@ -70,8 +78,9 @@ class JobResult:
             lines.append(f"  actor {actor[:12]}: {dev}")
         for uri, msg in self.failures[:10]:
             lines.append(f"  failed: {uri}: {msg}")
-        if len(self.failures) > 10:
-            lines.append(f"  ... and {len(self.failures) - 10} more failures (see the manifest)")
+        if self.failed > 10:
+            lines.append(f"  ... and {self.failed - 10} more failures (see the manifest, or `srbatch manifest "
+                         f"failures {self.output}`)")
         lines.append(f"  outputs:  {self.output}")
         lines.append(f"  manifest: {self.manifest}")
         return "\n".join(lines)
@@ -87,21 +96,21 @@ def _model_identity(cfg: UpscaleConfig) -> tuple[dict[str, Any], Any]:
     return ident, desc
 
 
-def _sweep_temp_files(cfg: UpscaleConfig) -> int:
-    """Remove temp files a killed run left under a local output folder. Returns how many."""
-    if "://" in cfg.output and not cfg.output.startswith("file://"):
-        return 0
-    root = cfg.output.removeprefix("file://")
-    n = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            if f.startswith(TMP_PREFIX):
-                try:
-                    os.remove(os.path.join(dirpath, f))
-                    n += 1
-                except OSError:
-                    pass
-    return n
+def _sweep_temp_files(outputs: list[str], cfg: UpscaleConfig) -> list[str]:
+    """Remove the temp files a killed run left under the output prefix (found in its listing ``outputs``). Returns
+    the listing without them."""
+    temps = [p for p in outputs if posixpath.basename(p).startswith(TMP_PREFIX)]
+    if not temps:
+        return outputs
+    fs, _ = filesystem(cfg.output, cfg.fs_options())
+    for p in temps:
+        try:
+            fs.rm_file(p)
+        except Exception as e:
+            log.warning("could not remove the temporary file %s: %s", p, e)
+    log.warning("removed %d temporary files left by an interrupted run under %s", len(temps), cfg.output)
+    gone = set(temps)
+    return [p for p in outputs if p not in gone]
 
 
 def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
@@ -112,43 +121,47 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
     """
     stream = stream or sys.stdout
     t_start = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
     so = cfg.fs_options()
     ident, desc = _model_identity(cfg)
     fp = fingerprint(cfg, ident)
-    swept = _sweep_temp_files(cfg)
-    if swept:
-        log.warning("removed %d temporary files left by an interrupted run under %s", swept, cfg.output)
-    latest = {} if cfg.force else latest_rows(read_manifest(cfg.output, so))
-    plan = make_plan(cfg, fp, latest, run_id=cfg.run_id)
+    store = RunState(cfg.output, so)
+    loaded = store.load(reopen=cfg.run_id)
+    outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg)
+    plan = make_plan(cfg, fp, loaded.table, run_id=cfg.run_id, outputs=outputs)
+    del outputs
     res = JobResult(cfg.run_id, cfg.output, run_uri(cfg.output, cfg.run_id), total=plan.total)
     print(
-        f"srbatch upscale: run {cfg.run_id}: {plan.total} inputs under {cfg.input}: {len(plan.todo)} to process, "
-        f"{len(plan.skipped)} already done (skipped), {len(plan.rejected)} refused; model "
+        f"srbatch upscale: run {cfg.run_id}: {plan.total} inputs under {cfg.input}: {plan.todo.num_rows} to process, "
+        f"{plan.skipped.num_rows} already done (skipped), {len(plan.rejected)} refused; model "
         f"{desc.name or desc.architecture} x{desc.scale} (fingerprint {fp})",
         file=stream, flush=True,
     )  # fmt: skip
     del desc
-    writer = ManifestWriter(cfg.output, cfg.run_id, so, flush_seconds=cfg.manifest_flush_seconds)
+    store.mark_active(cfg.run_id, started_at)
+    writer = ManifestWriter(cfg.output, cfg.run_id, so, flush_seconds=cfg.manifest_flush_seconds,
+                            on_flush=lambda: store.mark_active(cfg.run_id, started_at))  # fmt: skip
     common = {"model": ident["name"], "architecture": ident["architecture"], "model_sha256": ident["sha256"],
               "fingerprint": fp, "run_id": cfg.run_id, "scale": cfg.outscale or float(ident["scale"])}  # fmt: skip
-    for row in plan.skipped:
-        writer.add(row)
-        res.skipped += 1
-    for task in plan.rejected:
-        _record(res, writer, empty_row(input_uri=task.input_uri, status="failed", error_type="ConfigError",
-                                       error_message=task.error, **common))  # fmt: skip
     try:
-        if plan.todo:
+        writer.add_table(plan.skipped)
+        res.skipped = plan.skipped.num_rows
+        plan.skipped = SCHEMA.empty_table()
+        for task in plan.rejected:
+            _record(res, writer, empty_row(input_uri=task.input_uri, status="failed", error_type="ConfigError",
+                                           error_message=task.error, **common))  # fmt: skip
+        if plan.todo.num_rows:
             _run_pipeline(cfg, plan, fp, res, writer, common, stream)
     except KeyboardInterrupt:
         res.interrupted = True
     finally:
         writer.close()
         res.seconds = time.perf_counter() - t_start
-    if res.interrupted:
-        res.exit_code = ExitCode.INTERRUPTED
-    elif res.processed and res.failed / res.processed > cfg.max_failed_fraction:
-        res.exit_code = ExitCode.FAILED
+        if res.interrupted:
+            res.exit_code = ExitCode.INTERRUPTED
+        elif res.processed and res.failed / res.processed > cfg.max_failed_fraction:
+            res.exit_code = ExitCode.FAILED
+        _commit(store, loaded, writer, res, cfg, ident, fp, started_at)
     print(res.summary(), file=stream, flush=True)
     if res.exit_code == ExitCode.FAILED:
         print(
@@ -158,6 +171,45 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
             file=stream, flush=True,
         )  # fmt: skip
     return res
+
+
+def _commit(
+    store: RunState,
+    loaded: LoadedState,
+    writer: ManifestWriter,
+    res: JobResult,
+    cfg: UpscaleConfig,
+    ident: dict[str, Any],
+    fp: str,
+    started_at: datetime,
+) -> None:
+    """After the run's rows are written: the new state (this run's outcomes folded in), the run records (this run's
+    and those of killed runs folded on the way), and the active marker removed. A failure here loses nothing: the
+    next run folds this run's parts from the manifest."""
+    try:
+        store.write_state(fold(loaded.table, writer.outcome_table()), [*loaded.folded_runs, cfg.run_id])
+        for run_id, counts in loaded.recovered_counts.items():
+            store.write_run_record(run_id, {"run_id": run_id, "complete": False, "recovered_by": cfg.run_id,
+                                            **counts})  # fmt: skip
+        store.write_run_record(cfg.run_id, {
+            "run_id": cfg.run_id, "complete": not res.interrupted, "interrupted": res.interrupted,
+            "started_at": started_at.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+            "seconds": round(res.seconds, 3), "pipeline_seconds": round(res.pipeline_seconds, 3),
+            "total": res.total, "ok": res.ok, "failed": res.failed, "skipped": res.skipped,
+            "throughput": round(res.throughput, 4), "p50_s": _finite(res.percentile(50)),
+            "p95_s": _finite(res.percentile(95)), "exit_code": int(res.exit_code), "fingerprint": fp,
+            "model": ident["name"], "architecture": ident["architecture"], "input": cfg.input, "output": cfg.output,
+            "force": cfg.force, "rows_written": writer.rows_written,
+        })  # fmt: skip
+    except Exception as e:
+        log.error("could not update the run state under %s (%s: %s); the next run rebuilds it from this run's "
+                  "manifest parts", store.path, type(e).__name__, e)  # fmt: skip
+    finally:
+        store.clear_active(cfg.run_id)
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
 
 
 def _sigterm_as_interrupt() -> Any:
@@ -181,7 +233,8 @@ def _record(res: JobResult, writer: ManifestWriter, row: dict[str, Any]) -> None
         res.ok += 1
     else:
         res.failed += 1
-        res.failures.append((row["input_uri"], f"{row.get('error_type')}: {row.get('error_message')}"))
+        if len(res.failures) < MAX_FAILURES_KEPT:  # the manifest has them all
+            res.failures.append((row["input_uri"], f"{row.get('error_type')}: {row.get('error_message')}"))
     if row.get("total_s") is not None and row["status"] == "ok":
         res.latencies.append(float(row["total_s"]))
     if row.get("actor_id") and row["actor_id"] not in res.devices:
@@ -211,7 +264,7 @@ def _run_pipeline(
             log.info("actor pool: %s", rs.as_dict())
             print(f"srbatch upscale: {rs.describe()}", file=stream, flush=True)
             run_actor_pool(
-                [{"input_uri": t.input_uri, "output_uri": t.output_uri, "run_id": cfg.run_id} for t in plan.todo],
+                plan.todo.append_column("run_id", pa.repeat(pa.scalar(cfg.run_id), plan.todo.num_rows)),
                 key="input_uri",
                 actor=UpscaleWorker,
                 actor_kwargs={"config": cfg.model_dump(), "fingerprint": fp},
