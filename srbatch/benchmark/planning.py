@@ -9,15 +9,15 @@ Synthetic data on local disk under ``--workdir`` (a temporary folder by default,
 of a finished job, and R past runs of the manifest in the job's own layout and schema (``run=<id>/part-*.parquet``,
 5000 rows a part as the job's writer writes them, written with pyarrow directly for speed). Run 0 processed every
 input ``ok``; runs 1..R-1 carried them over as ``skipped`` rows (copied as the job copies them); a ``--failed-fraction``
-of the inputs failed in every run, so they have no output. A rerun with the job's own configuration therefore
-processes exactly the failed inputs and skips the others; the benchmark checks that the plan says so.
+of the inputs failed in every run, so they have no output. The run state (``_srbatch/state.parquet``) and run records
+are written as the job leaves them after its last run. A rerun with the job's own configuration therefore processes
+exactly the failed inputs and skips the others; the benchmark checks that the plan says so.
 
 The measurement runs in a fresh Python process (so its peak memory is the planning's alone) and calls, in order, what
-:func:`srbatch.upscale.run_job` calls before any Ray work: the model identity and fingerprint, the temp-file sweep of
-the output folder, :func:`~srbatch.upscale.manifest.read_manifest`, :func:`~srbatch.upscale.manifest.latest_rows`,
-:func:`~srbatch.upscale.plan.make_plan` (listing of inputs and outputs included), and the manifest rows of the skipped
-inputs written as the job's :class:`~srbatch.upscale.manifest.ManifestWriter` writes them (into a run folder that is
-removed afterwards, so the history stays R runs).
+:func:`srbatch.upscale.run_job` calls before any Ray work: the model identity and fingerprint, the run state
+(:class:`~srbatch.upscale.state.RunState` ``.load``), the output listing with its temp-file sweep,
+:func:`~srbatch.upscale.plan.make_plan` (input listing and the Arrow join); then what it does at the end of a run: the
+skipped inputs' manifest rows and the new state (the run folder is removed afterwards, so the history stays R runs).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ __all__ = ["build_parser", "main", "make_history", "run_ids"]
 FILES_PER_FOLDER = 1000
 MODEL, SCALE = "bicubic", 4  # a weight-free model: its identity costs nothing to load, as a checkpoint's would not
 MEASURED_RUN = "bench-planning"
-STEPS = ("model", "sweep", "read_manifest", "latest_rows", "plan", "write_skipped")
+PLANNING_STEPS = ("model", "load_state", "list_outputs", "plan")
+STEPS = (*PLANNING_STEPS, "write_skipped", "commit_state")
 
 
 def build_parser(prog: str = "jobs/benchmark.py planning") -> argparse.ArgumentParser:
@@ -104,6 +105,7 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
     from srbatch.upscale.manifest import FLUSH_ROWS, SCHEMA, part_name, run_uri
     from srbatch.upscale.plan import fingerprint
     from srbatch.upscale.runner import _model_identity
+    from srbatch.upscale.state import RunState, fold
 
     in_dir = os.path.abspath(os.path.join(workdir, "in"))
     out_dir = os.path.abspath(os.path.join(workdir, "out"))
@@ -153,20 +155,22 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
     status_later = pa.array(["failed" if i in failed_set else "skipped" for i in range(n)], pa.string())
     timing = pa.array([0.01 * (1 + i % 7) for i in range(n)], pa.float64())
     ids = run_ids(runs)
+    store = RunState(out_dir)
+    state = None
     for r, run_id in enumerate(ids):
         cols = dict(first)
         cols["run_id"] = const(run_id, pa.string())
         cols["status"] = status_first if r == 0 else status_later
         cols["error_type"], cols["error_message"] = error_type, error_message
-        # The job copies a skipped row from the previous one (finished_at included) and clears actor and timings;
-        # a failed input is worked on again, so its row is new.
+        # The job copies a skipped row from the input's latest outcome (the state), clears actor and timings and
+        # stamps it with the run's time; a failed input is worked on again, so its row is new.
         actor = const(uuid.UUID(int=r + 1).hex, pa.string())
         cols["actor_id"] = actor if r == 0 else masked(actor, pa.string(), True)
         for c in ("read_s", "decode_s", "infer_s", "encode_s", "write_s", "total_s"):
             cols[c] = timing if r == 0 else masked(timing, pa.float64(), True)
         if r:
             later = pa.array([t0 + timedelta(days=r, microseconds=i) for i in range(n)], pa.timestamp("us", tz="UTC"))
-            cols["finished_at"] = pc.if_else(is_failed, later, first["finished_at"])
+            cols["finished_at"] = later
         table = pa.table([cols[f.name] for f in SCHEMA], schema=SCHEMA)
         folder = run_uri(out_dir, run_id)
         os.makedirs(folder, exist_ok=True)
@@ -174,6 +178,12 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
         for seq, start in enumerate(range(0, n, FLUSH_ROWS)):
             pq.write_table(table.slice(start, FLUSH_ROWS), os.path.join(folder, part_name(seq, token)),
                            compression="zstd")  # fmt: skip
+        outcomes = table if r == 0 else table.filter(is_failed)
+        state = fold(state, outcomes)
+        store.write_run_record(run_id, {"run_id": run_id, "complete": True, "total": n,
+                                        "ok": n - len(failed) if r == 0 else 0, "failed": len(failed),
+                                        "skipped": 0 if r == 0 else n - len(failed)})  # fmt: skip
+    store.write_state(state, ids)  # as the job leaves it after its last run
     return {"input": in_dir, "output": out_dir, "failed": failed, "fingerprint": fp}
 
 
@@ -192,10 +202,12 @@ def _rss_mib() -> float:
 
 
 def _measure(in_dir: str, out_dir: str) -> dict[str, Any]:
-    """The planning of :func:`srbatch.upscale.run_job`, step by step, in this (fresh) process."""
-    from srbatch.upscale.manifest import ManifestWriter, latest_rows, read_manifest, run_uri
-    from srbatch.upscale.plan import fingerprint, make_plan
+    """The planning of :func:`srbatch.upscale.run_job`, step by step, in this (fresh) process, and its end-of-run
+    state update (for a no-change rerun: no Ray work in between)."""
+    from srbatch.upscale.manifest import ManifestWriter, run_uri
+    from srbatch.upscale.plan import existing_outputs, fingerprint, make_plan
     from srbatch.upscale.runner import _model_identity, _sweep_temp_files
+    from srbatch.upscale.state import RunState, fold
 
     cfg = _config(in_dir, out_dir)
     so = cfg.fs_options()
@@ -208,34 +220,35 @@ def _measure(in_dir: str, out_dir: str) -> dict[str, Any]:
     fp = fingerprint(cfg, ident)
     sec["model"] = time.perf_counter() - t
     t = time.perf_counter()
-    _sweep_temp_files(cfg)
-    sec["sweep"] = time.perf_counter() - t
+    store = RunState(cfg.output, so)
+    loaded = store.load(reopen=cfg.run_id)
+    sec["load_state"] = time.perf_counter() - t
     t = time.perf_counter()
-    table = read_manifest(cfg.output, so)
-    sec["read_manifest"] = time.perf_counter() - t
-    rows = 0 if table is None else table.num_rows
+    outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg)
+    sec["list_outputs"] = time.perf_counter() - t
     t = time.perf_counter()
-    latest = latest_rows(table)
-    sec["latest_rows"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plan = make_plan(cfg, fp, latest, run_id=cfg.run_id)
+    plan = make_plan(cfg, fp, loaded.table, run_id=cfg.run_id, outputs=outputs)
+    del outputs
     sec["plan"] = time.perf_counter() - t
     t = time.perf_counter()
     writer = ManifestWriter(cfg.output, cfg.run_id, so, flush_seconds=cfg.manifest_flush_seconds)
-    for row in plan.skipped:
-        writer.add(row)
+    writer.add_table(plan.skipped)
     writer.close()
     sec["write_skipped"] = time.perf_counter() - t
+    t = time.perf_counter()
+    store.write_state(fold(loaded.table, writer.outcome_table()), [*loaded.folded_runs, cfg.run_id])
+    sec["commit_state"] = time.perf_counter() - t
     shutil.rmtree(run_uri(cfg.output, cfg.run_id), ignore_errors=True)  # the history stays R runs
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "seconds": sec,
         "total_s": sum(sec.values()),
-        "manifest_rows": rows,
-        "latest": len(latest),
+        "planning_s": sum(sec[s] for s in PLANNING_STEPS),
+        "state_rows": loaded.table.num_rows,
+        "recovered_runs": len(loaded.recovered_runs),
         "total": plan.total,
-        "todo": len(plan.todo),
-        "skipped": len(plan.skipped),
+        "todo": plan.todo.num_rows,
+        "skipped": plan.skipped.num_rows,
         "rejected": len(plan.rejected),
         "fingerprint": fp,
         "rss_before_mib": rss_before,
@@ -271,7 +284,8 @@ def render(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     rows += [(step, f"{res['seconds'][step]:9.3f} s") for step in STEPS]
     rows += [
-        ("total", f"{res['total_s']:9.3f} s"),
+        ("planning", f"{res['planning_s']:9.3f} s  (model .. plan: before any Ray work)"),
+        ("total", f"{res['total_s']:9.3f} s  (+ the skipped rows and the state written at the end of the run)"),
         ("plan", f"{res['todo']} to process, {res['skipped']} skipped, {res['rejected']} refused"),
         ("driver RSS", f"{res['rss_before_mib']:.0f} MiB before planning (imports), "
                        f"peak {res['peak_rss_mib']:.0f} MiB"),
@@ -323,14 +337,14 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py planni
                 shutil.rmtree(d, ignore_errors=True)
     n_failed = len(made["failed"])
     res.update(
-        inputs=a.inputs, runs=a.runs, failed=n_failed, make_s=make_s, workdir=workdir, kept=a.keep,
+        inputs=a.inputs, runs=a.runs, failed=n_failed, manifest_rows=a.inputs * a.runs, make_s=make_s, workdir=workdir, kept=a.keep,
         manifest_mib=manifest_bytes / 2**20, disk_mib=disk / 2**20, files=files, load_avg_1m=load,
         machine=machine_info("cpu"),
     )  # fmt: skip
     print(render(res), flush=True)
     code = 0
     want = {"todo": n_failed, "skipped": a.inputs - n_failed, "rejected": 0, "total": a.inputs,
-            "manifest_rows": a.inputs * a.runs, "fingerprint": made["fingerprint"]}  # fmt: skip
+            "state_rows": a.inputs, "recovered_runs": 0, "fingerprint": made["fingerprint"]}  # fmt: skip
     wrong = {k: (res[k], v) for k, v in want.items() if res[k] != v}
     if wrong:
         print(f"benchmark planning: the plan is not what the history implies (got, expected): {wrong}", file=sys.stderr)
