@@ -129,7 +129,7 @@ def _write_runs(out: Path, runs: list[pa.Table], *, commit: set[int]) -> None:
 
 def _plan(src: Path, out: Path, state):
     cfg = UpscaleConfig(input=str(src), output=str(out), model="bicubic", scale=2, progress=False, run_id="next")
-    return make_plan(cfg, FP_NOW, state, run_id="next")
+    return make_plan(cfg, FP_NOW, state)
 
 
 @pytest.mark.parametrize("how", ["up to date", "last runs killed", "state deleted", "state corrupted"])
@@ -147,14 +147,16 @@ def test_plan_is_exact_after_dozens_of_runs(tmp_path, how, caplog):
         loaded = RunState(str(out)).load()
     plan = _plan(src, out, loaded.table)
     done, seen = _oracle(runs, out, FP_NOW)
-    skipped = set(plan.skipped["input_uri"].to_pylist())
+    skipped = set(plan.done.to_pylist())
     todo = set(plan.todo["input_uri"].to_pylist())
     listed = {str(p) for p in src.rglob("*.png")}
     assert skipped == done & listed and todo == listed - done and not plan.rejected
     assert plan.total == len(listed) == n
     assert set(loaded.table["input_uri"].to_pylist()) == seen and loaded.table.num_rows == len(seen)
+    assert loaded.table.column_names == ["input_uri", "status", "fingerprint", "output_uri"]
     # the skipped rows carry the latest outcome over, stamped with this run
-    sk = plan.skipped.to_pandas().set_index("input_uri")
+    sk = pa.concat_tables(RunState(str(out)).skipped_tables(plan.done, "next")).to_pandas().set_index("input_uri")
+    assert sorted(sk.index) == sorted(skipped)
     assert (sk.run_id == "next").all() and (sk.status == "skipped").all() and sk.total_s.isna().all()
     assert (sk.fingerprint == FP_NOW).all() and all(sk.output_uri.loc[u] == u.replace(str(src), str(out)) for u in sk.index)
     print(f"\n{how}: {len(todo)} to do, {len(skipped)} skipped of {n} inputs after {r} runs "

@@ -207,7 +207,7 @@ def _measure(in_dir: str, out_dir: str) -> dict[str, Any]:
     from srbatch.upscale.manifest import ManifestWriter, run_uri
     from srbatch.upscale.plan import existing_outputs, fingerprint, make_plan
     from srbatch.upscale.runner import _model_identity, _sweep_temp_files
-    from srbatch.upscale.state import RunState, fold
+    from srbatch.upscale.state import RunState
 
     cfg = _config(in_dir, out_dir)
     so = cfg.fs_options()
@@ -227,16 +227,17 @@ def _measure(in_dir: str, out_dir: str) -> dict[str, Any]:
     outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg)
     sec["list_outputs"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan = make_plan(cfg, fp, loaded.table, run_id=cfg.run_id, outputs=outputs)
+    plan = make_plan(cfg, fp, loaded.table, outputs=outputs)
     del outputs
     sec["plan"] = time.perf_counter() - t
     t = time.perf_counter()
     writer = ManifestWriter(cfg.output, cfg.run_id, so, flush_seconds=cfg.manifest_flush_seconds)
-    writer.add_table(plan.skipped)
+    for rows in store.skipped_tables(plan.done, cfg.run_id):
+        writer.add_table(rows)
     writer.close()
     sec["write_skipped"] = time.perf_counter() - t
     t = time.perf_counter()
-    store.write_state(fold(loaded.table, writer.outcome_table()), [*loaded.folded_runs, cfg.run_id])
+    store.merge(writer.outcome_table(), [*loaded.folded_runs, cfg.run_id])
     sec["commit_state"] = time.perf_counter() - t
     shutil.rmtree(run_uri(cfg.output, cfg.run_id), ignore_errors=True)  # the history stays R runs
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -248,7 +249,8 @@ def _measure(in_dir: str, out_dir: str) -> dict[str, Any]:
         "recovered_runs": len(loaded.recovered_runs),
         "total": plan.total,
         "todo": plan.todo.num_rows,
-        "skipped": plan.skipped.num_rows,
+        "skipped": len(plan.done),
+        "skipped_rows": writer.rows_written,
         "rejected": len(plan.rejected),
         "fingerprint": fp,
         "rss_before_mib": rss_before,

@@ -9,7 +9,6 @@ import posixpath
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 from srbatch.errors import ConfigError
 from srbatch.io.storage import filesystem, list_files, list_images
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import MANIFEST_DIR, SCHEMA
+from srbatch.upscale.manifest import MANIFEST_DIR
 from srbatch.upscale.state import CONTROL_DIR
 
 __all__ = ["Task", "Plan", "input_root", "relative_key", "output_key", "fingerprint", "make_plan"]
@@ -38,11 +37,11 @@ class Task:
 
 @dataclass
 class Plan:
-    """What a run will do: ``todo`` (input_uri, output_uri) goes to the actors, ``skipped`` are the manifest rows of
-    inputs already done (their latest outcome carried over), ``rejected`` failed before any work (unsafe keys)."""
+    """What a run will do: ``todo`` (input_uri, output_uri) goes to the actors, ``done`` are the inputs already done
+    (skipped: their latest outcome is carried over), ``rejected`` failed before any work (unsafe keys)."""
 
     todo: pa.Table = field(default_factory=lambda: TODO_SCHEMA.empty_table())
-    skipped: pa.Table = field(default_factory=lambda: SCHEMA.empty_table())
+    done: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     rejected: list[Task] = field(default_factory=list)
     total: int = 0
 
@@ -137,14 +136,13 @@ def make_plan(
     fp: str,
     state: pa.Table | None,
     *,
-    run_id: str,
-    outputs: list[str] | None = None,
+    outputs: list[str] | pa.Array | None = None,
 ) -> Plan:
     """List the inputs and decide, per input, process / skip / reject, in Arrow (no Python object per input).
 
-    An input is skipped when its latest outcome in ``state`` (see :mod:`srbatch.upscale.state`) is ``ok`` with the
-    same fingerprint and output key, and its output is still there (``outputs``: the output listing, listed here
-    when not given). Unsafe or clashing keys are rejected.
+    An input is skipped when its latest outcome in ``state`` (the state's planning columns, see
+    :mod:`srbatch.upscale.state`) is ``ok`` with the same fingerprint and output key, and its output is still there
+    (``outputs``: the output listing, listed here when not given). Unsafe or clashing keys are rejected.
     """
     so = cfg.fs_options()
     uris = list_images(cfg.input, so)
@@ -182,45 +180,34 @@ def make_plan(
         plan.rejected.append(Task(inputs[i].as_py(), None, why))
     ok_mask = pa.array([i not in refused for i in range(len(inputs))]) if refused else None
     out_base = cfg.output.rstrip("/")
-    out_uris = pc.binary_join_element_wise(out_base, keys, "/")
-    table = pa.table({"input_uri": inputs, "output_uri": out_uris}, schema=TODO_SCHEMA)
-    if ok_mask is not None:
-        table = table.filter(ok_mask)
     if cfg.force or state is None or state.num_rows == 0:
-        plan.todo = table
+        table = pa.table({"input_uri": inputs, "output_uri": pc.binary_join_element_wise(out_base, keys, "/")},
+                         schema=TODO_SCHEMA)  # fmt: skip
+        plan.todo = table.filter(ok_mask) if ok_mask is not None else table
         return plan
+    # does each output exist? compare keys with the output listing's keys (relative to the output prefix)
     have = existing_outputs(cfg.output, so) if outputs is None else outputs
+    have = have if isinstance(have, pa.Array) else pa.array(have, pa.string())
     out_fs, _ = filesystem(cfg.output, so)
-    path_base = out_fs._strip_protocol(cfg.output).rstrip("/")
-    out_paths = pc.binary_join_element_wise(path_base, pc.replace_substring(table["output_uri"], out_base + "/", "",
-                                                                            max_replacements=1), "/")  # fmt: skip
-    exists = pc.is_in(out_paths, value_set=pa.array(have, pa.string()))
+    prefix = out_fs._strip_protocol(cfg.output).rstrip("/") + "/"
+    have = pc.replace_substring(have.filter(pc.starts_with(have, prefix)), prefix, "", max_replacements=1)
+    exists = pc.is_in(keys, value_set=have)
     del have
-    prev = state.select(["input_uri", "status", "fingerprint", "output_uri"]).rename_columns(
-        ["input_uri", "prev_status", "prev_fingerprint", "prev_output_uri"]
-    )
-    joined = table.append_column("exists", exists).join(prev, "input_uri", join_type="left outer")
+    # each input's latest outcome: a hash lookup into the state (no join, no copy of the state)
+    at = pc.index_in(inputs, value_set=state["input_uri"])
+    out_uris = pc.binary_join_element_wise(out_base, keys, "/")
+    del keys
     done = pc.and_kleene(
-        pc.and_kleene(pc.equal(joined["prev_status"], "ok"), pc.equal(joined["prev_fingerprint"], fp)),
-        pc.and_kleene(pc.equal(joined["prev_output_uri"], joined["output_uri"]), joined["exists"]),
+        pc.and_kleene(pc.equal(state["status"].take(at), "ok"), pc.equal(state["fingerprint"].take(at), fp)),
+        pc.and_kleene(pc.equal(state["output_uri"].take(at), out_uris), exists),
     ).fill_null(False)
-    plan.todo = joined.filter(pc.invert(done)).select(TODO_SCHEMA.names).sort_by("input_uri")
-    done_uris = joined.filter(done)["input_uri"]
-    plan.skipped = skipped_rows(state.filter(pc.is_in(state["input_uri"], value_set=done_uris)), run_id)
+    del at, exists
+    if ok_mask is not None:
+        done = pc.and_(done, ok_mask)
+        todo_mask = pc.and_(pc.invert(done), ok_mask)
+    else:
+        todo_mask = pc.invert(done)
+    plan.todo = pa.table({"input_uri": inputs.filter(todo_mask), "output_uri": out_uris.filter(todo_mask)},
+                         schema=TODO_SCHEMA)  # fmt: skip
+    plan.done = inputs.filter(done)
     return plan
-
-
-def skipped_rows(prev: pa.Table, run_id: str) -> pa.Table:
-    """The manifest rows of inputs carried over from their latest outcome ``prev``: this run's id, status
-    ``skipped``, no timings, no actor, no error; ``finished_at`` is now."""
-    n = prev.num_rows
-    t = prev.sort_by("input_uri")
-    now = pa.scalar(datetime.now(timezone.utc), SCHEMA.field("finished_at").type)
-    for name in ("actor_id", "read_s", "decode_s", "infer_s", "encode_s", "write_s", "total_s", "error_type",
-                 "error_message"):  # fmt: skip
-        t = t.set_column(t.schema.get_field_index(name), SCHEMA.field(name), pa.nulls(n, SCHEMA.field(name).type))
-    for name, value in (("run_id", pa.scalar(run_id, pa.string())), ("status", pa.scalar("skipped", pa.string())),
-                        ("finished_at", now)):  # fmt: skip
-        col = pa.repeat(value, n) if n else pa.array([], value.type)
-        t = t.set_column(t.schema.get_field_index(name), SCHEMA.field(name), col)
-    return t

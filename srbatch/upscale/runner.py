@@ -17,9 +17,9 @@ import pyarrow as pa
 from srbatch.io.storage import filesystem
 from srbatch.jobkit.cli import ExitCode
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import SCHEMA, ManifestWriter, empty_row, run_uri
+from srbatch.upscale.manifest import ManifestWriter, empty_row, run_uri
 from srbatch.upscale.plan import TMP_PREFIX, Plan, existing_outputs, fingerprint, make_plan
-from srbatch.upscale.state import LoadedState, RunState, fold
+from srbatch.upscale.state import LoadedState, RunState
 
 log = logging.getLogger("srbatch.upscale")
 
@@ -128,12 +128,13 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
     store = RunState(cfg.output, so)
     loaded = store.load(reopen=cfg.run_id)
     outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg)
-    plan = make_plan(cfg, fp, loaded.table, run_id=cfg.run_id, outputs=outputs)
+    plan = make_plan(cfg, fp, loaded.table, outputs=outputs)
     del outputs
+    loaded.table = loaded.table.slice(0, 0)  # planning is done with it
     res = JobResult(cfg.run_id, cfg.output, run_uri(cfg.output, cfg.run_id), total=plan.total)
     print(
         f"srbatch upscale: run {cfg.run_id}: {plan.total} inputs under {cfg.input}: {plan.todo.num_rows} to process, "
-        f"{plan.skipped.num_rows} already done (skipped), {len(plan.rejected)} refused; model "
+        f"{len(plan.done)} already done (skipped), {len(plan.rejected)} refused; model "
         f"{desc.name or desc.architecture} x{desc.scale} (fingerprint {fp})",
         file=stream, flush=True,
     )  # fmt: skip
@@ -144,9 +145,9 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
     common = {"model": ident["name"], "architecture": ident["architecture"], "model_sha256": ident["sha256"],
               "fingerprint": fp, "run_id": cfg.run_id, "scale": cfg.outscale or float(ident["scale"])}  # fmt: skip
     try:
-        writer.add_table(plan.skipped)
-        res.skipped = plan.skipped.num_rows
-        plan.skipped = SCHEMA.empty_table()
+        for rows in store.skipped_tables(plan.done, cfg.run_id):
+            writer.add_table(rows)
+            res.skipped += rows.num_rows
         for task in plan.rejected:
             _record(res, writer, empty_row(input_uri=task.input_uri, status="failed", error_type="ConfigError",
                                            error_message=task.error, **common))  # fmt: skip
@@ -187,7 +188,7 @@ def _commit(
     and those of killed runs folded on the way), and the active marker removed. A failure here loses nothing: the
     next run folds this run's parts from the manifest."""
     try:
-        store.write_state(fold(loaded.table, writer.outcome_table()), [*loaded.folded_runs, cfg.run_id])
+        store.merge(writer.outcome_table(), [*loaded.folded_runs, cfg.run_id])
         for run_id, counts in loaded.recovered_counts.items():
             store.write_run_record(run_id, {"run_id": run_id, "complete": False, "recovered_by": cfg.run_id,
                                             **counts})  # fmt: skip

@@ -48,6 +48,7 @@ __all__ = [
     "fold",
     "control_uri",
     "cast_to_schema",
+    "skipped_rows",
 ]
 
 CONTROL_DIR = "_srbatch"
@@ -57,6 +58,10 @@ FOLDED_KEY = b"srbatch.folded_runs"
 COMPACTED_KEY = b"srbatch.compacted_runs"
 COMPACTED_PREFIX = "compacted-"
 _ORDER = "__srbatch_order"
+PLAN_COLUMNS = ("input_uri", "status", "fingerprint", "output_uri")
+"""The state's columns that planning reads."""
+STATE_ROW_GROUP = 65_536
+"""Rows per row group of the state file (the unit in which it is streamed)."""
 
 
 def control_uri(output: str, *parts: str) -> str:
@@ -202,24 +207,95 @@ class RunState:
             )  # fmt: skip
             return None
 
+    def folded_runs(self) -> list[str] | None:
+        """The runs the state holds (from its footer only); None when there is no state or it cannot be read (a
+        warning says so: it is then rebuilt)."""
+        try:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(self.state_path):
+                return None
+            with self.fs.open(self.state_path, "rb") as f:
+                meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+            folded = json.loads(meta[FOLDED_KEY])
+            if not isinstance(folded, list):
+                raise ValueError("srbatch.folded_runs is not a list")
+            return [str(r) for r in folded]
+        except Exception as e:
+            log.warning(
+                "the run state %s cannot be read (%s: %s): rebuilding it from the manifest's run partitions",
+                join_uri(control_uri(self.output), STATE_FILE), type(e).__name__, e,
+            )  # fmt: skip
+            return None
+
+    def read_columns(self, columns: Iterable[str] = PLAN_COLUMNS) -> pa.Table:
+        """Only ``columns`` of the state (what planning needs: a few columns per input, not the whole row)."""
+        cols = list(columns)
+        empty = pa.schema([SCHEMA.field(c) for c in cols]).empty_table()
+        try:
+            if not self.fs.exists(self.state_path):
+                return empty
+            with self.fs.open(self.state_path, "rb") as f:
+                t = pq.read_table(f, columns=cols)
+        except Exception as e:
+            raise StorageError(f"could not read the run state {self.state_path}: {type(e).__name__}: {e}") from e
+        return t.cast(empty.schema)
+
+    def iter_state(self) -> Iterable[pa.Table]:
+        """The state's rows, one row group at a time (memory bounded by a row group, not by the inputs)."""
+        if not self.fs.exists(self.state_path):
+            return
+        with self.fs.open(self.state_path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):
+                yield cast_to_schema(pf.read_row_group(i))
+
+    def skipped_tables(self, done: pa.Array, run_id: str) -> Iterable[pa.Table]:
+        """The manifest rows of the inputs ``done`` (carried over from their latest outcome in the state), streamed."""
+        for rg in self.iter_state():
+            hit = rg.filter(pc.is_in(rg["input_uri"], value_set=done))
+            if hit.num_rows:
+                yield skipped_rows(hit, run_id)
+
+    def merge(self, rows: pa.Table | None, folded_runs: Iterable[str], *, base: bool = True) -> None:
+        """Fold ``rows`` into the state and replace it atomically, streaming the old state row group by row group
+        (``base=False``: start from nothing, e.g. when the old state is unreadable)."""
+        new = latest_outcomes(rows)
+        meta = {FOLDED_KEY: json.dumps(sorted(set(folded_runs))).encode()}
+        schema = SCHEMA.with_metadata(meta)
+        buf = io.BytesIO()
+        touched_old = []
+        with pq.ParquetWriter(buf, schema, compression="zstd") as w:
+            for rg in self.iter_state() if base else ():
+                touched = pc.is_in(rg["input_uri"], value_set=new["input_uri"])
+                keep = rg.filter(pc.invert(touched))
+                if keep.num_rows:
+                    w.write_table(keep.replace_schema_metadata(meta), row_group_size=STATE_ROW_GROUP)
+                if new.num_rows:
+                    touched_old.append(rg.filter(touched))
+            final = latest_outcomes(pa.concat_tables([*touched_old, new])) if touched_old else new
+            if final.num_rows:
+                w.write_table(final.replace_schema_metadata(meta), row_group_size=STATE_ROW_GROUP)
+        self._put(self.state_path, buf.getvalue(), "the run state")
+
     def load(self, *, reopen: str | None = None) -> LoadedState:
-        """The state with every run partition it does not hold yet folded in. ``reopen``: a run id that is about to
-        write again (its partition is folded anew so that its earlier rows stay counted)."""
+        """The state's planning columns, after folding in every run partition it does not hold yet (a run killed
+        before its end; every partition when there is no usable state). ``reopen``: a run id about to write again
+        (its partition is folded anew, so that its earlier rows stay counted)."""
         partitions = self.run_partitions()
-        got = self.read_state()
-        rebuilt = got is None and bool(partitions)
-        state, folded = got if got is not None else (SCHEMA.empty_table(), [])
+        folded = self.folded_runs()
+        rebuilt = folded is None and bool(partitions)
         if rebuilt:
             log.warning(
                 "no usable run state under %s: rebuilding it from %d run partition(s) of %s (first run with this "
                 "version of srbatch, or the state was deleted); nothing with a valid output is redone",
                 control_uri(self.output), len(partitions), manifest_uri(self.output),
             )  # fmt: skip
-        done = set(folded)
+        done = set(folded or [])
         if reopen is not None:
             done.discard(reopen)
         recovered = []
         recovered_counts: dict[str, dict[str, int]] = {}
+        delta = None
         for run_id, path in sorted(partitions.items()):
             if run_id in done:
                 continue
@@ -229,12 +305,15 @@ class RunState:
                     done.add(run_id)
                     continue
             rows = self.read_partition(path)
-            state = fold(state, rows)
+            delta = fold(delta, rows)
             done.add(run_id)
             recovered.append(run_id)
             if rows is not None and not run_id.startswith(COMPACTED_PREFIX):
                 counts = pc.value_counts(rows["status"]).to_pylist()
                 recovered_counts[run_id] = {c["values"]: c["counts"] for c in counts}
+        if recovered:
+            self.merge(delta, done, base=not rebuilt)
+            del delta
         if recovered and not rebuilt:
             log.warning("folded %d run(s) that ended before updating the run state: %s", len(recovered),
                         ", ".join(recovered[:10]) + (" ..." if len(recovered) > 10 else ""))  # fmt: skip
@@ -242,17 +321,17 @@ class RunState:
             recovered_counts = {}
         records = self.run_records() if recovered_counts else {}
         recovered_counts = {r: c for r, c in recovered_counts.items() if r not in records and r != reopen}
-        return LoadedState(state, sorted(done), [] if rebuilt else recovered, rebuilt, sorted(partitions),
-                           recovered_counts)  # fmt: skip
+        return LoadedState(self.read_columns(), sorted(done), [] if rebuilt else recovered, rebuilt,
+                           sorted(partitions), recovered_counts)  # fmt: skip
 
     # ---- writing -------------------------------------------------------------------------------------------------
 
     def write_state(self, table: pa.Table, folded_runs: Iterable[str]) -> None:
-        """Replace the state atomically."""
+        """Replace the state atomically with ``table`` (the latest outcome per input)."""
         meta = {FOLDED_KEY: json.dumps(sorted(set(folded_runs))).encode()}
         t = cast_to_schema(table).replace_schema_metadata(meta)
         buf = io.BytesIO()
-        pq.write_table(t, buf, compression="zstd")
+        pq.write_table(t, buf, compression="zstd", row_group_size=STATE_ROW_GROUP)
         self._put(self.state_path, buf.getvalue(), "the run state")
 
     def write_run_record(self, run_id: str, record: Mapping[str, Any]) -> None:
@@ -322,3 +401,18 @@ class RunState:
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
+
+def skipped_rows(prev: pa.Table, run_id: str) -> pa.Table:
+    """The manifest rows of inputs carried over from their latest outcome ``prev``: this run's id, status
+    ``skipped``, no timings, no actor, no error; ``finished_at`` is now."""
+    n = prev.num_rows
+    t = prev.sort_by("input_uri")
+    now = pa.scalar(datetime.now(timezone.utc), SCHEMA.field("finished_at").type)
+    for name in ("actor_id", "read_s", "decode_s", "infer_s", "encode_s", "write_s", "total_s", "error_type",
+                 "error_message"):  # fmt: skip
+        t = t.set_column(t.schema.get_field_index(name), SCHEMA.field(name), pa.nulls(n, SCHEMA.field(name).type))
+    for name, value in (("run_id", pa.scalar(run_id, pa.string())), ("status", pa.scalar("skipped", pa.string())),
+                        ("finished_at", now)):  # fmt: skip
+        col = pa.repeat(value, n) if n else pa.array([], value.type)
+        t = t.set_column(t.schema.get_field_index(name), SCHEMA.field(name), col)
+    return t
