@@ -82,14 +82,16 @@ def test_planning_benchmark_reports_the_plan_the_history_implies():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
     assert (res["skipped"], res["todo"], res["rejected"], res["total"]) == (270, 30, 0, 300)
-    assert res["manifest_rows"] == 1200 and res["latest"] == 300 and res["failed"] == 30
-    for step in ("read_manifest", "latest_rows", "plan"):
+    assert res["manifest_rows"] == 1200 and res["state_rows"] == 300 and res["failed"] == 30
+    assert res["skipped_rows"] == 270 and res["recovered_runs"] == 0
+    for step in ("load_state", "list_outputs", "plan", "write_skipped", "commit_state"):
         assert res["seconds"][step] > 0, step
-    assert res["total_s"] >= sum(res["seconds"][s] for s in ("read_manifest", "latest_rows", "plan")) > 0
+    assert res["total_s"] >= res["planning_s"] >= sum(res["seconds"][s] for s in ("load_state", "plan")) > 0
     assert 0 < res["rss_before_mib"] <= res["peak_rss_mib"]
     assert res["machine"]["cpus"] >= 1 and res["load_avg_1m"] >= 0
     assert not os.path.exists(res["workdir"])  # removed without --keep
-    assert res["files"] == 300 + 270 + 4 * 1  # inputs, outputs of the ok inputs, one Parquet part per run
+    # inputs, outputs of the ok inputs, one Parquet part per run, one record per run, the state
+    assert res["files"] == 300 + 270 + 4 * 1 + 4 + 1
     assert "30 to process, 270 skipped, 0 refused" in proc.stdout
 
 

@@ -212,38 +212,51 @@ class ManifestWriter:
         return pa.concat_tables(self.outcomes) if self.outcomes else None
 
 
-def read_manifest(output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
-    """Every row of every run under ``<output>/_manifest`` (None when there is no manifest yet).
+def read_manifest(
+    output: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    runs: Iterable[str] | None = None,
+    columns: Iterable[str] | None = None,
+) -> pa.Table | None:
+    """The rows of every run (or of the given ``runs``) under ``<output>/_manifest``, all columns or ``columns``
+    (None when there is no manifest yet).
 
     Parts that cannot be read are reported and ignored (their inputs are then simply redone).
     """
     fs, path = filesystem(manifest_uri(output), storage_options)
+    names = list(columns) if columns is not None else SCHEMA.names
+    unknown = [c for c in names if c not in SCHEMA.names]
+    if unknown:
+        raise ValueError(f"unknown manifest columns {unknown}; the columns are: {', '.join(SCHEMA.names)}")
     try:
         fs.invalidate_cache()
         if not fs.exists(path):
             return None
-        parts = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/.srbatch-tmp-" not in p)
+        if runs is None:
+            found = fs.find(path)
+        else:
+            found = []
+            for r in runs:
+                d = posixpath.join(path, f"run={r}")
+                if fs.exists(d):
+                    found += fs.find(d)
+        parts = sorted(p for p in found if p.endswith(".parquet") and "/.srbatch-tmp-" not in p)
     except Exception as e:
         raise StorageError(f"could not list the manifest under {manifest_uri(output)}: {type(e).__name__}: {e}") from e
+    schema = pa.schema([SCHEMA.field(n) for n in names])
     tables = []
     for p in parts:
         try:
             with fs.open(p, "rb") as f:
-                t = pq.read_table(f)
-            tables.append(t.select([n for n in SCHEMA.names if n in t.column_names]).cast(
-                pa.schema([SCHEMA.field(n) for n in SCHEMA.names if n in t.column_names])))
+                pf = pq.ParquetFile(f)
+                have = [n for n in names if n in pf.schema_arrow.names]
+                t = pf.read(columns=have)
+            cols = [t.column(n).cast(schema.field(n).type) if n in have else pa.nulls(t.num_rows, schema.field(n).type)
+                    for n in names]  # fmt: skip
+            tables.append(pa.Table.from_arrays(cols, schema=schema))
         except Exception as e:
             log.warning("ignoring unreadable manifest part %s: %s: %s", p, type(e).__name__, e)
     if not tables:
         return None
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def latest_rows(table: pa.Table | None) -> dict[str, dict[str, Any]]:
-    """The most recent row of each input URI (by ``finished_at``)."""
-    if table is None or table.num_rows == 0:
-        return {}
-    latest: dict[str, dict[str, Any]] = {}
-    for row in table.sort_by([("finished_at", "ascending")]).to_pylist():
-        latest[row["input_uri"]] = row
-    return latest
+    return pa.concat_tables(tables)
