@@ -377,7 +377,17 @@ def summarize(
                            "record", None)  # fmt: skip
         line.compacted_into = compacted_into.get(run_id) if path is None else None
         lines.append(line)
-    lines.sort(key=lambda r: (r.started or datetime.min.replace(tzinfo=timezone.utc), r.run_id))
+    # a killed run whose partition was compacted has no start time left: it ran just before the run that recovered it
+    start = {r.run_id: r.started for r in lines}
+    floor = datetime.min.replace(tzinfo=timezone.utc)
+
+    def key(r: RunLine) -> tuple[datetime, int, str]:
+        if r.started is not None:
+            return r.started, 1, r.run_id
+        after = start.get(str((records.get(r.run_id) or {}).get("recovered_by")))
+        return (after, 0, r.run_id) if after is not None else (floor, 0, r.run_id)
+
+    lines.sort(key=key)
     if last is not None:
         lines = lines[-last:] if last > 0 else []
     st = current.table["status"]
