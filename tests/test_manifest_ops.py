@@ -283,6 +283,21 @@ def assert_frame_equal_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
 
 
+def test_compact_never_touches_an_unfolded_run_even_older_than_the_kept_ones(tmp_path):
+    out = tmp_path / "out"
+    h = standard_history(str(out))
+    h.run("crash-y", 6, {uri(43): ["ok"]}, commit=False)  # killed too: crash-z is now older than the newest run
+    z = tree_hashes(out / "_manifest" / "run=crash-z")
+    want = latest_outcome(manifest_frame(out, ["nightly-b", "nightly-a", "manual-x", "nightly-d", "nightly-c"]))
+    rep = compact(str(out), keep_runs=1)
+    assert rep.kept == ["crash-y"] and rep.unfolded == ["crash-z", "crash-y"]
+    assert sorted(rep.merged) == ["manual-x", "nightly-a", "nightly-b", "nightly-c", "nightly-d"]
+    assert tree_hashes(out / "_manifest" / "run=crash-z") == z
+    got = pd.read_parquet(glob.glob(str(out / "_manifest" / f"run={rep.partition}" / "*.parquet"))[0])
+    pd.testing.assert_frame_equal(got.sort_values("input_uri").reset_index(drop=True), want)
+    assert sorted(RunState(str(out)).load().recovered_runs) == ["crash-y", "crash-z"]
+
+
 def test_a_second_compaction_merges_the_first_one(tmp_path):
     out = tmp_path / "out"
     h = standard_history(str(out))
@@ -439,6 +454,7 @@ def test_s3_summary_failures_compact(s3_bucket, s3_server):
 # ------------------------------------------------------------------------------------------------ the real job
 
 
+@pytest.mark.slow
 def test_job_runs_compact_then_a_third_run_skips_everything(ray_cluster, tmp_path):
     from PIL import Image
 
