@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -56,23 +57,24 @@ class History:
         loaded = self.store.load(reopen=run_id)
         w = ManifestWriter(self.output, run_id, self.so, flush_rows=7)
         counts = {"ok": 0, "failed": 0, "skipped": 0}
-        if skip_rest:
-            prev = loaded.table.filter(pa.compute.invert(pa.compute.is_in(loaded.table["input_uri"],
-                                                                          pa.array(list(outcomes)))))  # fmt: skip
-            prev = prev.filter(pa.compute.equal(prev["status"], "ok")).sort_by("input_uri")
-            n = prev.num_rows
-            t = prev
+        if skip_rest:  # the inputs not worked on whose latest outcome is ok: carried over as skipped rows
+            prev = loaded.table.filter(pc.invert(pc.is_in(loaded.table["input_uri"], pa.array(list(outcomes)))))
+            t = prev.filter(pc.equal(prev["status"], "ok")).sort_by("input_uri")
+            n = t.num_rows
+            ts = SCHEMA.field("finished_at").type
             for name, value in (("run_id", pa.scalar(run_id)), ("status", pa.scalar("skipped")),
-                                ("finished_at", pa.scalar(started + timedelta(seconds=0.5), SCHEMA.field("finished_at").type)),
+                                ("finished_at", pa.scalar(started + timedelta(seconds=0.5), ts)),
                                 ("total_s", pa.scalar(None, pa.float64()))):  # fmt: skip
-                i = t.schema.get_field_index(name)
-                t = t.set_column(i, SCHEMA.field(name), pa.repeat(value, n) if n else pa.array([], SCHEMA.field(name).type))
+                f = SCHEMA.field(name)
+                t = t.set_column(t.schema.get_field_index(name), f, pa.repeat(value, n) if n else pa.array([], f.type))
             w.add_table(t)
             counts["skipped"] = n
         for k, (u, statuses) in enumerate(sorted(outcomes.items())):
             for j, status in enumerate(statuses):
                 when = started + timedelta(seconds=k + 1, milliseconds=j)
-                err = {"error_type": "ImageDecodeError", "error_message": f"bad {u} in {run_id} #{j}"} if status == "failed" else {}
+                err = {}
+                if status == "failed":
+                    err = {"error_type": "ImageDecodeError", "error_message": f"bad {u} in {run_id} #{j}"}
                 w.add(empty_row(run_id=run_id, input_uri=u, output_uri=u.replace("/in/", "/out/"), status=status,
                                 finished_at=when, fingerprint="fp1", model="bicubic", total_s=0.01 * (k + 1),
                                 input_bytes=1000 + k, **err))  # fmt: skip

@@ -31,7 +31,7 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="the job's output prefix (its --output): a folder or s3://...")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 [AWS_ENDPOINT_URL]")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec storage option, repeatable; credentials are best left to the AWS_* variables")  # fmt: skip
+                   help="fsspec storage option, repeatable; credentials are best left to the AWS_* variables")
     p.add_argument("--anonymous", action="store_true", help="read/write object storage without credentials")
     p.add_argument("-v", "--verbose", action="store_true", help="log decisions (INFO level)")
 
@@ -89,7 +89,7 @@ def build_parser(prog: str = "srbatch manifest") -> argparse.ArgumentParser:
     _storage_flags(p)
     p.add_argument("--keep-runs", type=int, default=10, metavar="K", help="newest runs left as they are [10]")
     p.add_argument("--stale-after", type=float, default=15.0, metavar="MINUTES",
-                   help="an active-run marker not refreshed for this long is a killed run's, and ignored [15]")  # fmt: skip
+                   help="an active-run marker not refreshed for this long is a killed run's: ignored [15]")
     p.add_argument("--dry-run", action="store_true", help="print what would be done; write and delete nothing")
     p.add_argument("--force", action="store_true", help="compact even while an active-run marker is fresh")
     p.add_argument("--json", action="store_true", help="print one JSON object")

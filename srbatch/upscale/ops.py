@@ -282,23 +282,23 @@ class Summary:
         right = {2, 3, 4, 5, 6, 7}
 
         def line(cells: Sequence[str]) -> str:
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                                                       strict=True))).rstrip()  # fmt: skip
+            cols = enumerate(zip(cells, widths, strict=True))
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in cols).rstrip()
 
         out = [f"srbatch manifest: {self.output}: {len(self.runs)} run(s), newest last"]
         out += [line(head), *(line(r) for r in rows)]
         if any(r.source == "parts" for r in self.runs):
-            out.append("* no complete run record: counts from the run's manifest parts (a killed or running run, or a "
-                       "run of an earlier srbatch); seconds and images/s unknown, started = its first row's time")  # fmt: skip
+            out.append("* no complete run record: counts from the run's manifest parts (a killed or running run, "
+                       "or a run of an earlier srbatch); seconds and images/s unknown, started = its first row's time")
         for c in self.compacted:
             out.append(f"compacted partition {c['partition']}: {c['rows']} rows, the latest outcomes of "
                        f"{len(c['runs'])} run(s)")  # fmt: skip
         s = self.state
         if s["has_state"]:
             line_ = (f"state: {s['inputs']} inputs known: {s['ok']} ok, {s['failed']} failed now "
-                     f"({s['folded_runs']} run(s) folded into {control_uri(self.output, 'state.parquet')})")  # fmt: skip
+                     f"({s['folded_runs']} run(s) folded into {control_uri(self.output, 'state.parquet')})")
         else:
-            line_ = (f"state: none yet ({control_uri(self.output, 'state.parquet')} missing); from the run "
+            line_ = (f"state: none ({control_uri(self.output, 'state.parquet')} missing or unreadable); from the run "
                      f"partitions: {s['inputs']} inputs known: {s['ok']} ok, {s['failed']} failed now")  # fmt: skip
         if s["has_state"] and s["pending"]:
             line_ += (f"; {len(s['pending'])} run(s) not folded yet ({', '.join(s['pending'][:5])}"
@@ -354,10 +354,10 @@ def summarize(
         path = partitions.get(run_id)
         full = rec is not None and "total" in rec
         if full:
+            ended = "interrupted" if rec.get("interrupted") else "complete" if rec.get("complete") else "crashed"
             line = RunLine(run_id, _utc(rec.get("started_at")), rec.get("seconds"), rec.get("total"), rec.get("ok"),
-                           rec.get("failed"), rec.get("skipped"), rec.get("throughput"),
-                           "interrupted" if rec.get("interrupted") else "complete" if rec.get("complete") else "crashed",
-                           "record", path and f"run={run_id}")  # fmt: skip
+                           rec.get("failed"), rec.get("skipped"), rec.get("throughput"), ended, "record",
+                           path and f"run={run_id}")  # fmt: skip
         elif path is not None:
             counts, n, first = _counts_from_parts(store, path)
             if rec is not None:
@@ -540,7 +540,7 @@ class CompactionReport:
             out.append(f"left run {r} alone: one of its parts cannot be read")
         if not self.merged:
             out.append(f"srbatch manifest compact: nothing to compact under {manifest_uri(self.output)} "
-                       f"({len(self.kept)} newest run(s) kept, {len(self.unfolded)} not folded into the state)")  # fmt: skip
+                       f"({len(self.kept)} newest run(s) kept, {len(self.unfolded)} not folded into the state)")
             return "\n".join(out)
         out.append(
             f"srbatch manifest compact: {verb} {len(self.merged)} partition(s) ({len(self.held_runs)} run(s)) into "
