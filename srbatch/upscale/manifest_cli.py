@@ -183,7 +183,7 @@ def _show(inv: _Invocation) -> int:
     from srbatch.upscale.ops import show
 
     a = inv.args
-    h = show(a.output, a.input_uri, inv.storage_options)
+    h = show(a.output, a.input_uri, inv.storage_options, columns=None if a.json else _SHOW[1:])
     if a.json:
         _print_json({"input_uri": h.input_uri, "rows": h.rows.to_pylist(), "current": h.current})
         return ExitCode.OK

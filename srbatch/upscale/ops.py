@@ -117,8 +117,9 @@ def _parts(files: Mapping[str, int]) -> list[str]:
 def _scan(store: RunState, files: Sequence[str], columns: Sequence[str], where: Any = None, *,
           with_file: bool = False) -> pa.Table:  # fmt: skip
     """The rows of ``files`` matching ``where`` (a pyarrow compute expression, pushed down to the Parquet row groups),
-    only ``columns``, as one table (plus ``__filename`` when ``with_file``). One pyarrow dataset scan; when a part
-    cannot be read that way (unreadable, or an older layout), part by part, the unreadable ones reported and ignored."""
+    only ``columns``, as one table (plus ``__filename`` when ``with_file``). One pyarrow dataset scan with little
+    read-ahead (peak memory: a few row groups' worth of ``columns``, whatever the history); when a part cannot be read
+    that way (unreadable, or an older layout), part by part, the unreadable ones reported and ignored."""
     schema = _subset(columns)
     out_schema = schema.append(pa.field("__filename", pa.string())) if with_file else schema
     if not files:
@@ -126,7 +127,8 @@ def _scan(store: RunState, files: Sequence[str], columns: Sequence[str], where: 
     names = [*columns, "__filename"] if with_file else list(columns)
     try:
         dataset = ds.dataset(list(files), schema=SCHEMA, format="parquet", filesystem=store.fs)
-        return dataset.to_table(columns=names, filter=where).cast(out_schema)
+        scan = dataset.scanner(columns=names, filter=where, batch_size=65_536, batch_readahead=1, fragment_readahead=1)
+        return scan.to_table().cast(out_schema)
     except Exception as e:
         log.info("scanning %d part(s) one by one (%s: %s)", len(files), type(e).__name__, e)
     tables = []
@@ -164,8 +166,9 @@ def _state_meta(store: RunState) -> tuple[int, list[str]] | None:
         ) from e
 
 
-def _read_state(store: RunState, columns: Sequence[str], where: Any = None) -> tuple[pa.Table, list[str]] | None:
-    """Only ``columns`` of the state (rows matching ``where``), and its folded runs; None when there is none."""
+def _read_state(store: RunState, columns: Sequence[str] | None) -> tuple[pa.Table | None, list[str]] | None:
+    """The state's folded runs (from its footer) and, when ``columns`` is given, only those columns of it; None when
+    there is no state or it cannot be read (then the run partitions are used instead, as planning does)."""
     store.fs.invalidate_cache()
     if not store.fs.exists(store.state_path):
         return None
@@ -173,14 +176,13 @@ def _read_state(store: RunState, columns: Sequence[str], where: Any = None) -> t
         with store.fs.open(store.state_path, "rb") as f:
             pf = pq.ParquetFile(f)
             folded = [str(r) for r in json.loads((pf.schema_arrow.metadata or {})[FOLDED_KEY])]
-            present = [c for c in columns if c in pf.schema_arrow.names]
-            t = pf.read(columns=present)
+            if columns is None:
+                return None, folded
+            t = pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
     except Exception as e:
         log.warning("the run state %s cannot be read (%s: %s): using the manifest's run partitions instead",
                     control_uri(store.output, "state.parquet"), type(e).__name__, e)  # fmt: skip
         return None
-    if where is not None:
-        t = t.filter(where)
     return _conform(t, _subset(columns)), folded
 
 
@@ -203,19 +205,21 @@ class _Current:
 
 
 def _current(store: RunState, columns: Sequence[str], partitions: Mapping[str, str]) -> _Current:
-    """The latest outcome of every input now: the state's ``columns``, with the run partitions it does not hold yet
-    (a killed run, a running one, runs of an earlier srbatch when there is no state) folded in, as planning does."""
-    columns = list(dict.fromkeys([*columns, "input_uri", "status", "finished_at"]))
-    got = _read_state(store, columns)
-    table, folded = got if got is not None else (_subset(columns).empty_table(), [])
+    """The latest outcome of every input now: the state's ``columns`` (and ``status``), with the run partitions it does
+    not hold yet (a killed run, a running one, runs of an earlier srbatch when there is no state) folded in, as
+    planning does. Only when there are such runs are ``input_uri`` and ``finished_at`` read too."""
+    meta = _read_state(store, None)
+    folded = meta[1] if meta is not None else []
     done = set(folded)
-    pending = []
-    for run_id, path in sorted(partitions.items()):
-        if _is_folded(store, run_id, path, done):
-            continue
-        rows = _scan(store, _parts(_part_files(store, path)), columns, pc.field("status").isin(list(OUTCOMES)))
+    pending = [r for r, p in sorted(partitions.items()) if not _is_folded(store, r, p, done)]
+    extra = ["status", "input_uri", "finished_at"] if pending else ["status"]
+    columns = list(dict.fromkeys([*columns, *extra]))
+    got = _read_state(store, columns) if meta is not None else None
+    table = got[0] if got is not None and got[0] is not None else _subset(columns).empty_table()
+    for run_id in pending:
+        rows = _scan(store, _parts(_part_files(store, partitions[run_id])), columns,
+                     pc.field("status").isin(list(OUTCOMES)))  # fmt: skip
         table = fold(table, rows)
-        pending.append(run_id)
     return _Current(table, folded, pending, got is not None)
 
 
@@ -479,20 +483,28 @@ class History:
     current: dict[str, Any] | None
 
 
-def show(output: str, input_uri: str, storage_options: Mapping[str, Any] | None = None) -> History:
-    """Every row of ``input_uri`` across all runs (one pyarrow dataset scan, the filter pushed down to the parts),
-    and its latest outcome in the state."""
+def show(
+    output: str,
+    input_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+) -> History:
+    """Every row of ``input_uri`` across all runs (one pyarrow dataset scan, the filter pushed down to the parts; only
+    ``columns`` when given, else all), and its latest outcome in the state."""
     store = RunState(output, storage_options)
     partitions = _need_manifest(store)
     files = [f for p in partitions.values() for f in _parts(_part_files(store, p))]
     where = pc.field("input_uri") == input_uri
-    rows = _scan(store, files, SCHEMA.names, where, with_file=True)
+    wanted = list(dict.fromkeys([*(columns or SCHEMA.names), "input_uri", "run_id", "finished_at"]))
+    rows = _scan(store, files, wanted, where, with_file=True)
     names = rows["__filename"].to_pylist()
     part = pa.array([_partition_of(n) for n in names], pa.string())
     rows = rows.drop_columns(["__filename"]).append_column("partition", part)
     rows = rows.sort_by([("finished_at", "ascending"), ("run_id", "ascending")])
-    got = _read_state(store, SCHEMA.names, where)
-    current = got[0].to_pylist()[0] if got is not None and got[0].num_rows else None
+    store.fs.invalidate_cache()
+    state = _scan(store, [store.state_path], wanted, where) if store.fs.exists(store.state_path) else None
+    current = state.to_pylist()[-1] if state is not None and state.num_rows else None
     if rows.num_rows == 0 and current is None:
         sample = _scan(store, files[-1:], ["input_uri"]).slice(0, 1)["input_uri"].to_pylist() if files else []
         hint = f" (inputs are recorded as full URIs, e.g. {sample[0]})" if sample else ""
