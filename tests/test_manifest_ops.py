@@ -361,6 +361,23 @@ def test_compact_refused_while_a_run_writes_runs_after_a_stale_marker_and_dry_ru
     assert compact(str(out), keep_runs=2, stale_after_minutes=30, force=True).merged == []  # nothing left to merge
 
 
+def test_a_compaction_whose_write_fails_deletes_nothing(tmp_path, monkeypatch):
+    import srbatch.upscale.ops as ops
+    from srbatch.errors import StorageError
+
+    out = tmp_path / "out"
+    standard_history(str(out))
+    hashes = tree_hashes(out)
+
+    def full_disk(fs, path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ops, "put_atomic", full_disk)
+    with pytest.raises(StorageError, match="nothing was deleted"):
+        compact(str(out), keep_runs=2)
+    assert tree_hashes(out) == hashes
+
+
 def test_compact_refused_without_state_and_nothing_to_read_exits_2(tmp_path):
     out = tmp_path / "out"
     w = ManifestWriter(str(out), "old-run")  # a run of an earlier srbatch: parts, no state
