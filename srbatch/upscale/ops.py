@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from srbatch.errors import SrbatchError, StorageError
+from srbatch.errors import ConfigError, SrbatchError, StorageError
 from srbatch.io.storage import join_uri
 from srbatch.upscale.manifest import SCHEMA, manifest_uri, part_name, put_atomic
 from srbatch.upscale.state import (
@@ -41,6 +42,7 @@ from srbatch.upscale.state import (
     cast_to_schema,
     control_uri,
     fold,
+    latest_outcomes,
 )
 
 log = logging.getLogger("srbatch.upscale")
@@ -591,8 +593,8 @@ def compact(
     written whole before the old ones are deleted. Refused (:class:`CompactionRefused`) without a state, or while an
     active-run marker is fresher than ``stale_after_minutes`` (unless ``force``)."""
     if keep_runs < 1:
-        raise CompactionRefused(f"--keep-runs must be at least 1 (got {keep_runs}): the newest run's rows answer "
-                                "'which inputs failed in the latest run'")  # fmt: skip
+        raise ConfigError(f"--keep-runs must be at least 1 (got {keep_runs}): the newest run's rows answer "
+                          "'which inputs failed in the latest run'")
     store = RunState(output, storage_options)
     now = now or datetime.now(timezone.utc)
     meta = _state_meta(store)
@@ -638,9 +640,11 @@ def compact(
             tables, rows = [], 0
             for p in _parts(files):
                 with store.fs.open(p, "rb") as f:
-                    t = pq.read_table(f)
-                rows += t.num_rows
-                tables.append(cast_to_schema(t))
+                    pf = pq.ParquetFile(f)
+                    rows += pf.metadata.num_rows
+                    if _only_skipped(pf):  # the parts of carried-over rows: nothing to keep, nothing to read
+                        continue
+                    tables.append(cast_to_schema(pf.read()))
             if run_id.startswith(COMPACTED_PREFIX):
                 got = store.compacted_runs(path)
                 if got is None:
@@ -652,7 +656,7 @@ def compact(
             log.warning("leaving %s alone: %s: %s", path, type(e).__name__, e)
             report.skipped_unreadable.append(run_id)
             continue
-        acc = fold(acc, pa.concat_tables(tables) if tables else None)
+        acc = _latest_rows([acc, *tables])
         files_of[run_id] = files
         report.rows_before += rows
         report.bytes_before += sum(files.values())
@@ -660,7 +664,7 @@ def compact(
     if not report.merged or (len(report.merged) == 1 and report.merged[0].startswith(COMPACTED_PREFIX)):
         report.merged = []
         return report
-    table = cast_to_schema(acc if acc is not None else SCHEMA.empty_table()).sort_by([("input_uri", "ascending")])
+    table = (acc if acc is not None else SCHEMA.empty_table()).sort_by([("input_uri", "ascending")])
     report.held_runs = sorted(held)
     table = table.replace_schema_metadata({COMPACTED_KEY: json.dumps(report.held_runs).encode()})
     buf = io.BytesIO()
@@ -693,6 +697,30 @@ def compact(
                 "latest outcomes, the state is unchanged): rerun `srbatch manifest compact` to finish"
             ) from e
     return report
+
+
+def _only_skipped(pf: pq.ParquetFile) -> bool:
+    """Whether every row of a part has status ``skipped``, from its row groups' statistics alone."""
+    try:
+        idx = pf.schema_arrow.get_field_index("status")
+        for i in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(i).column(idx).statistics
+            if st is None or not st.has_min_max or st.min != "skipped" or st.max != "skipped":
+                return False
+        return True
+    except Exception:
+        return False
+
+
+def _latest_rows(tables: Sequence[pa.Table | None]) -> pa.Table:
+    """Per input, the latest outcome row of ``tables`` (manifest schema; on a tie the later row), sorted by input.
+    The selection runs on three columns and the rows are taken once, so the peak is about twice the result."""
+    t = pa.concat_tables([x for x in tables if x is not None and x.num_rows]) if any(
+        x is not None and x.num_rows for x in tables) else SCHEMA.empty_table()  # fmt: skip
+    narrow = pa.table({"input_uri": t["input_uri"], "status": t["status"], "finished_at": t["finished_at"],
+                       "__row": pa.array(np.arange(t.num_rows, dtype=np.int64))})  # fmt: skip
+    keep = latest_outcomes(narrow)
+    return t.take(keep["__row"]) if keep.num_rows else SCHEMA.empty_table()
 
 
 def _new_name(now: datetime, partitions: Mapping[str, str]) -> str:
