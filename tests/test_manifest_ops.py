@@ -378,6 +378,26 @@ def test_a_compaction_whose_write_fails_deletes_nothing(tmp_path, monkeypatch):
     assert tree_hashes(out) == hashes
 
 
+def test_an_unreadable_part_is_reported_and_its_run_is_never_compacted(tmp_path, caplog):
+    out = tmp_path / "out"
+    standard_history(str(out))
+    df = manifest_frame(out)
+    bad = sorted(glob.glob(str(out / "_manifest" / "run=nightly-a" / "*.parquet")))[0]
+    lost = pd.read_parquet(bad)
+    Path(bad).write_bytes(b"PAR1 truncated by a full disk")
+    h = show(str(out), uri(1))  # the other parts are still read, part by part
+    want = df[(df.input_uri == uri(1))]
+    want = want[~want.set_index(["run_id", "finished_at", "status"]).index.isin(
+        lost.set_index(["run_id", "finished_at", "status"]).index)]
+    assert h.rows["run_id"].to_pylist() == list(want.sort_values("finished_at").run_id)
+    assert "ignoring unreadable manifest part" in caplog.text
+    a = tree_hashes(out / "_manifest" / "run=nightly-a")
+    rep = compact(str(out), keep_runs=2)
+    assert rep.skipped_unreadable == ["nightly-a"] and "nightly-a" not in rep.merged
+    assert sorted(rep.merged) == ["manual-x", "nightly-b", "nightly-d"]
+    assert tree_hashes(out / "_manifest" / "run=nightly-a") == a  # left exactly as it was
+
+
 def test_compact_refused_without_state_and_nothing_to_read_exits_2(tmp_path):
     out = tmp_path / "out"
     w = ManifestWriter(str(out), "old-run")  # a run of an earlier srbatch: parts, no state
