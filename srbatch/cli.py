@@ -1,5 +1,6 @@
-"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.upscale`), ``compare``
-(:mod:`srbatch.compare`), ``train`` (the Ray Train job of :mod:`srbatch.train`)."""
+"""The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.upscale`), ``manifest``
+(its manifest's operations, :mod:`srbatch.upscale.manifest_cli`), ``compare`` (:mod:`srbatch.compare`), ``train`` (the
+Ray Train job of :mod:`srbatch.train`)."""
 
 from __future__ import annotations
 
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "manifest",
+        help="inspect and maintain the upscale job's manifest: summary of runs, failures, one input's history, "
+        "compaction of old runs (see `srbatch manifest --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "benchmark",
         help="bare model throughput vs the upscale job end to end, on the same images and device (see `srbatch "
         "benchmark --help`)",
@@ -196,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Subcommands that are whole jobs: the package whose ``main(argv, prog=...)`` runs each.
 _JOBS = {"upscale": "srbatch.upscale", "compare": "srbatch.compare", "train": "srbatch.train",
-         "benchmark": "srbatch.benchmark"}  # fmt: skip
+         "benchmark": "srbatch.benchmark", "manifest": "srbatch.upscale.manifest_cli"}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
