@@ -59,16 +59,14 @@ class History:
         counts = {"ok": 0, "failed": 0, "skipped": 0}
         if skip_rest:  # the inputs not worked on whose latest outcome is ok: carried over as skipped rows
             prev = loaded.table.filter(pc.invert(pc.is_in(loaded.table["input_uri"], pa.array(list(outcomes)))))
-            t = prev.filter(pc.equal(prev["status"], "ok")).sort_by("input_uri")
-            n = t.num_rows
+            done = prev.filter(pc.equal(prev["status"], "ok"))["input_uri"]
             ts = SCHEMA.field("finished_at").type
-            for name, value in (("run_id", pa.scalar(run_id)), ("status", pa.scalar("skipped")),
-                                ("finished_at", pa.scalar(started + timedelta(seconds=0.5), ts)),
-                                ("total_s", pa.scalar(None, pa.float64()))):  # fmt: skip
-                f = SCHEMA.field(name)
-                t = t.set_column(t.schema.get_field_index(name), f, pa.repeat(value, n) if n else pa.array([], f.type))
-            w.add_table(t)
-            counts["skipped"] = n
+            for t in self.store.skipped_tables(done.combine_chunks(), run_id):  # as the job writes them
+                at = t.schema.get_field_index("finished_at")
+                t = t.set_column(at, SCHEMA.field("finished_at"),
+                                 pa.repeat(pa.scalar(started + timedelta(seconds=0.5), ts), t.num_rows))
+                w.add_table(t)
+                counts["skipped"] += t.num_rows
         for k, (u, statuses) in enumerate(sorted(outcomes.items())):
             for j, status in enumerate(statuses):
                 when = started + timedelta(seconds=k + 1, milliseconds=j)
@@ -83,7 +81,7 @@ class History:
         self.order.append(run_id)
         if not commit:
             return
-        self.store.write_state(fold(loaded.table, w.outcome_table()), [*loaded.folded_runs, run_id])
+        self.store.merge(w.outcome_table(), [*loaded.folded_runs, run_id])  # as the job commits
         for rid, c in loaded.recovered_counts.items():
             self.store.write_run_record(rid, {"run_id": rid, "complete": False, "recovered_by": run_id, **c})
         if record:
@@ -249,7 +247,7 @@ def test_compact_keeps_the_latest_outcome_per_input_and_nothing_else_changes(tmp
     want = latest_outcome(manifest_frame(out, merged))
     hashes = tree_hashes(out / "_manifest")
     merged_bytes = sum(os.path.getsize(f) for r in merged for f in glob.glob(str(out / "_manifest" / f"run={r}" / "*")))
-    state_before = frame(RunState(str(out)).load().table)
+    state_before = frame(RunState(str(out)).view())
     assert_frame_equal_rows(state_before, latest_outcome(before_all))
     state_file = (out / "_srbatch" / "state.parquet").read_bytes()
 
@@ -272,13 +270,13 @@ def test_compact_keeps_the_latest_outcome_per_input_and_nothing_else_changes(tmp
     assert sorted({k.split("/")[0] for k in after}) == sorted([f"run={r}" for r in kept] + [f"run={rep.partition}"])
     assert (out / "_srbatch" / "state.parquet").read_bytes() == state_file
     # the job's state is the same: loaded (the compacted partition is known to be folded), and rebuilt from scratch
-    loaded = RunState(str(out)).load()
+    loaded = RunState(str(out)).load()  # folds crash-z into the state file, as planning does
     assert loaded.recovered_runs == ["crash-z"]
-    pd.testing.assert_frame_equal(frame(loaded.table), state_before)
+    pd.testing.assert_frame_equal(frame(RunState(str(out)).read_state()[0]), state_before)
     (out / "_srbatch" / "state.parquet").unlink()
     rebuilt = RunState(str(out)).load()
     assert rebuilt.rebuilt
-    pd.testing.assert_frame_equal(frame(rebuilt.table), state_before)
+    pd.testing.assert_frame_equal(frame(RunState(str(out)).read_state()[0]), state_before)
 
 
 def assert_frame_equal_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -288,7 +286,12 @@ def assert_frame_equal_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
 def test_compact_never_touches_an_unfolded_run_even_older_than_the_kept_ones(tmp_path):
     out = tmp_path / "out"
     h = standard_history(str(out))
-    h.run("crash-y", 6, {uri(43): ["ok"]}, commit=False)  # killed too: crash-z is now older than the newest run
+    # a run started while crash-z was still running (so its planning could not fold crash-z), killed too: crash-z
+    # is now an unfolded run older than the newest run
+    w = ManifestWriter(str(out), "crash-y", flush_rows=7)
+    w.add(empty_row(run_id="crash-y", input_uri=uri(43), output_uri=uri(43).replace("/in/", "/out/"), status="ok",
+                    finished_at=T0 + timedelta(hours=6, seconds=1), fingerprint="fp1", model="bicubic"))
+    w.close()
     z = tree_hashes(out / "_manifest" / "run=crash-z")
     want = latest_outcome(manifest_frame(out, ["nightly-b", "nightly-a", "manual-x", "nightly-d", "nightly-c"]))
     rep = compact(str(out), keep_runs=1)
@@ -308,7 +311,7 @@ def test_a_second_compaction_merges_the_first_one(tmp_path):
     h.run("nightly-e", 6, {uri(41): ["ok"]})  # folds crash-z
     h.run("nightly-f", 7, {uri(42): ["failed"]})
     everything = pd.concat([everything, manifest_frame(out, ["nightly-e", "nightly-f"])], ignore_index=True)
-    state_before = frame(RunState(str(out)).load().table)
+    state_before = frame(RunState(str(out)).view())
     rep = compact(str(out), keep_runs=2, now=datetime(2026, 11, 3, tzinfo=timezone.utc))
     assert sorted(rep.merged) == sorted([first.partition, "nightly-c", "crash-z"])
     assert rep.held_runs == sorted(["nightly-b", "nightly-a", "manual-x", "nightly-d", "nightly-c", "crash-z"])
@@ -318,9 +321,9 @@ def test_a_second_compaction_merges_the_first_one(tmp_path):
     pd.testing.assert_frame_equal(got.sort_values("input_uri").reset_index(drop=True), want)
     assert sorted(p.name for p in (out / "_manifest").iterdir()) == sorted(
         ["run=nightly-e", "run=nightly-f", f"run={rep.partition}"])
-    pd.testing.assert_frame_equal(frame(RunState(str(out)).load().table), state_before)
+    pd.testing.assert_frame_equal(frame(RunState(str(out)).view()), state_before)
     (out / "_srbatch" / "state.parquet").unlink()
-    pd.testing.assert_frame_equal(frame(RunState(str(out)).load().table), state_before)
+    pd.testing.assert_frame_equal(frame(RunState(str(out)).view()), state_before)
     # summary still lists every run (from its record), marked compacted
     s = summarize(str(out))
     assert [r.run_id for r in s.runs if r.compacted_into] == ["nightly-b", "nightly-a", "nightly-d", "nightly-c",
@@ -487,7 +490,8 @@ def test_s3_summary_failures_compact(s3_bucket, s3_server):
     assert {f: fs.cat_file(f) for f in fs.glob(f"{s3_bucket}/out/_manifest/run=r3/*.parquet")} == r3
     fs.rm(f"{s3_bucket}/out/_srbatch/state.parquet")
     rebuilt = RunState(output, so).load()
-    pd.testing.assert_frame_equal(frame(rebuilt.table), latest)
+    assert rebuilt.rebuilt
+    pd.testing.assert_frame_equal(frame(RunState(output, so).read_state()[0]), latest)
 
 
 # ------------------------------------------------------------------------------------------------ the real job

@@ -277,6 +277,22 @@ class RunState:
                 w.write_table(final.replace_schema_metadata(meta), row_group_size=STATE_ROW_GROUP)
         self._put(self.state_path, buf.getvalue(), "the run state")
 
+    def view(self) -> pa.Table:
+        """The whole state as planning would see it (every column; unfolded run partitions folded in memory), without
+        writing anything: for inspection and tests."""
+        got = self.read_state()
+        state, folded = got if got is not None else (None, [])
+        done = set(folded)
+        for run_id, path in sorted(self.run_partitions().items()):
+            if run_id in done:
+                continue
+            if run_id.startswith(COMPACTED_PREFIX):
+                held = self.compacted_runs(path)
+                if held is not None and set(held) <= done:
+                    continue
+            state = fold(state, self.read_partition(path))
+        return state if state is not None else SCHEMA.empty_table()
+
     def load(self, *, reopen: str | None = None) -> LoadedState:
         """The state's planning columns, after folding in every run partition it does not hold yet (a run killed
         before its end; every partition when there is no usable state). ``reopen``: a run id about to write again
