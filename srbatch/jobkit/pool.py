@@ -24,8 +24,10 @@ __all__ = ["run_actor_pool", "LOST_RESULT"]
 LOST_RESULT = "LostResult"
 
 
-MAX_BLOCKS = 2000
-"""At most this many Ray Data blocks per pipeline (large inputs get blocks of many items, read in ``batch_size``)."""
+MAX_BLOCKS = 200
+"""Ray Data blocks per pipeline at most (or 8 per actor on a larger pool): large inputs get blocks of many items, each
+handed to an actor in ``batch_size`` pieces. Every block costs the driver an object and Ray Data a task: measured with
+`jobs/benchmark.py handoff`, 20k tasks took 31 s in 1250 blocks and 18 s in 200 on 2 loaded cores."""
 
 
 def run_actor_pool(
@@ -80,7 +82,7 @@ def run_actor_pool(
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
-        per_block = max(batch_size, math.ceil(n / MAX_BLOCKS))
+        per_block = max(batch_size, math.ceil(n / max(MAX_BLOCKS, 8 * resources.max_actors)))
         blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
         ds = ray.data.from_arrow(blocks).map_batches(
             actor,
