@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py") -> i
         from srbatch.benchmark.planning import main as planning_main
 
         return planning_main(argv[1:], prog=f"{prog} planning")
+    if argv[:1] == ["tiny"]:  # `jobs/benchmark.py tiny ...`: the tiny-image (per-image overhead) benchmark
+        from srbatch.benchmark.tiny import main as tiny_main
+
+        return tiny_main(argv[1:], prog=f"{prog} tiny")
     from srbatch.jobkit.cluster import ray_env_defaults
 
     ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
