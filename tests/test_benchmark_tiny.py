@@ -147,6 +147,80 @@ def test_actor_remote_reads_and_mixed_protocols_give_the_same_pixels(worker, tmp
     mem.rm(root, recursive=True)
 
 
+def test_actor_large_batch_through_a_small_window_keeps_each_row_with_its_image(tmp_path):
+    """20 remote images through one I/O thread (2 reads ahead, 2 uploads pending at most): every row, output and
+    pixel belongs to its own input."""
+    import fsspec
+
+    from srbatch.upscale.config import UpscaleConfig
+    from srbatch.upscale.worker import UpscaleWorker
+
+    cfg = UpscaleConfig(input="/unused", output="/unused", model="bicubic", scale=2, io_threads=1, progress=False)
+    w = UpscaleWorker(cfg.model_dump(), fingerprint="f" * 16, torch_threads=1)
+    assert w.window == 2
+    mem = fsspec.filesystem("memory")
+    root = f"/tiny-window-{tmp_path.name}"
+    rgb = [_texture(100 + i, h=12 + i % 5, w=10 + i % 7) for i in range(20)]
+    for i, a in enumerate(rgb):
+        mem.pipe_file(f"{root}/in/{i:02d}.png", _png(a))
+    rows = w(_batch([f"memory://{root}/in/{i:02d}.png" for i in range(20)],
+                    [f"memory://{root}/out/{i:02d}.png" for i in range(20)])).to_pylist()  # fmt: skip
+    for i, (r, a) in enumerate(zip(rows, rgb)):
+        assert r["status"] == "ok" and r["input_uri"].endswith(f"/{i:02d}.png"), r
+        assert (r["input_height"], r["input_width"]) == a.shape[:2]
+        got = _pixels(mem.cat_file(f"{root}/out/{i:02d}.png"))
+        assert np.abs(got.astype(int) - matlab_bicubic(a, 2).astype(int)).max() <= 1, i
+    mem.rm(root, recursive=True)
+
+
+def test_actor_holds_at_most_window_upscaled_images_waiting_for_upload(tmp_path):
+    """Uploads blocked: the actor stops upscaling once ``window`` results wait, instead of queueing the whole batch
+    (the memory bound that makes large batches safe for large images)."""
+    import threading
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from srbatch.upscale.config import UpscaleConfig
+    from srbatch.upscale.worker import UpscaleWorker
+
+    release = threading.Event()
+
+    class Blocking(MemoryFileSystem):
+        protocol = "tinyblock"
+
+        @classmethod
+        def _strip_protocol(cls, path: str) -> str:
+            return "/" + path.removeprefix("tinyblock://").lstrip("/")
+
+        def pipe_file(self, path, value, **kwargs):  # noqa: ANN001 - fsspec's signature
+            release.wait(30)
+            return super().pipe_file(path, value, **kwargs)
+
+    fsspec.register_implementation("tinyblock", Blocking, clobber=True)
+    cfg = UpscaleConfig(input="/unused", output="/unused", model="bicubic", scale=2, io_threads=1, progress=False)
+    w = UpscaleWorker(cfg.model_dump(), fingerprint="f" * 16, torch_threads=1)
+    for i in range(20):
+        (tmp_path / f"{i:02d}.png").write_bytes(_png(_texture(200 + i, h=8, w=8)))
+    queued: list[int] = []
+
+    def watch() -> None:
+        deadline = threading.Event()
+        for _ in range(20):  # the work queue's length while the only I/O thread is stuck in the first upload
+            queued.append(w.pool._work_queue.qsize())
+            deadline.wait(0.05)
+        release.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    root = f"tinyblock:///tiny-block-{tmp_path.name}"
+    rows = w(_batch([str(tmp_path / f"{i:02d}.png") for i in range(20)],
+                    [f"{root}/{i:02d}.png" for i in range(20)])).to_pylist()  # fmt: skip
+    watcher.join()
+    assert [r["status"] for r in rows] == ["ok"] * 20
+    assert max(queued) <= w.window - 1, queued  # one upload running, the others of the window queued
+
+
 def test_actor_outside_ray_does_not_start_ray(tmp_path):
     import ray
 

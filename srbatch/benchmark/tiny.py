@@ -166,9 +166,11 @@ def _job(model: str, store: Any, n: int, *, scale: int, device: str, batch_size:
     )  # fmt: skip
     pool = plan_actors(cfg, ray.cluster_resources())
     wall0 = datetime.now(timezone.utc)
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     res = run_job(cfg, stream=stream)
     seconds = time.perf_counter() - t0
+    driver_cpu_s = _cpu_seconds() - cpu0
     stream.flush()
     table = read_manifest(output, store.options)
     rows = [r for r in (table.to_pylist() if table is not None else []) if r["run_id"] == run_id]
@@ -196,10 +198,20 @@ def _job(model: str, store: Any, n: int, *, scale: int, device: str, batch_size:
         "steady": steady,
         "stage_means_s": stages,
         "stage_sum_s": sum(v for v in stages.values() if v is not None) if ok else None,
+        "driver_cpu_s": driver_cpu_s,
+        "driver_cpu_per_image_s": driver_cpu_s / n,
         "outputs": {r["input_uri"]: r["output_uri"] for r in ok},
         "actors": pool.actors,
         "actor_torch_threads": pool.torch_threads,
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process so far (user + system, every thread: Ray's own threads in the driver too)."""
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
 
 
 def _same_pixels(job_outputs: dict[str, str], in_root: str, loop_root: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +247,7 @@ def _start_ray(store: Any) -> dict[str, Any]:
     import_s = time.perf_counter() - t
     if ray.is_initialized():
         return {"started": False, "how": "already connected", "import_s": import_s, "init_s": None,
-                "first_task_s": None}  # fmt: skip
+                "first_task_s": None, "data_import_s": _import_ray_data()}  # fmt: skip
     address = os.environ.get("RAY_ADDRESS")
     t = time.perf_counter()
     if address:
@@ -247,8 +259,17 @@ def _start_ray(store: Any) -> dict[str, Any]:
     init_s = time.perf_counter() - t
     t = time.perf_counter()
     ray.get(ray.remote(num_cpus=0)(_ping).remote())  # a worker is up: the start-up burst is over before timing
+    first_task_s = time.perf_counter() - t
     return {"started": not address, "how": how, "import_s": import_s, "init_s": init_s,
-            "first_task_s": time.perf_counter() - t}  # fmt: skip
+            "first_task_s": first_task_s, "data_import_s": _import_ray_data()}  # fmt: skip
+
+
+def _import_ray_data() -> float:
+    """Import Ray Data in the driver (seconds): once per driver process, so that every job run below is timed alike."""
+    t = time.perf_counter()
+    import ray.data  # noqa: F401
+
+    return time.perf_counter() - t
 
 
 def _ping() -> int:
@@ -321,7 +342,7 @@ def render(r: dict[str, Any]) -> str:
         f"{r['storage']}",
         f"  machine          {m['cpu']}, {m['cpus']} CPUs, load avg {r['load_avg_1m']:.2f} at start; torch {m['torch']}",
         f"  ray              {ray_['how']}: import {_s(ray_['import_s'])}, ray.init {_s(ray_['init_s'])}, first "
-        f"task {_s(ray_['first_task_s'])} (before every clock below)",
+        f"task {_s(ray_['first_task_s'])}, import ray.data {_s(ray_['data_import_s'])} (before every clock below)",
         f"  (a) loop         {lp['images_per_s']:.1f} images/s  ({_ms(lp['s_per_image'])}/image, {_s(lp['seconds'])};"
         f" {lp['device']}, {lp['torch_threads']} torch threads)",
         "      per image    " + ", ".join(f"{k.removesuffix('_s')} {_ms(ls[k])}" for k in STAGES),
@@ -344,6 +365,8 @@ def render(r: dict[str, Any]) -> str:
             + f" = {_ms(j['stage_sum_s'])} of actor work (reads and uploads on its thread pool)",
             f"      overhead     {_ms(j['overhead_per_image_s'])} per image: steady wall per image "
             f"{_ms(j['steady_per_image_s'])} - actor work (Ray Data, actor, manifest)",
+            f"      driver CPU   {_ms(j['driver_cpu_per_image_s'])} per image ({_s(j['driver_cpu_s'])}: planning, Ray Data's "
+            "scheduling, result rows, manifest; on the same CPUs as the actor)",
             f"      outputs      {same['identical']} of {same['compared']} equal the loop's pixel for pixel",
         ]
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 image of the batches it is handed, returning one small manifest row per image.
 
 Reads from object stores, and encodes with uploads, run on a thread pool so they overlap the model's compute; reads
-from local disk are one system call each and run inline (a thread hop costs more than the read). Only keys go in and
+from local disk are one system call each and run inline (a thread hop costs more than the read). Remote reads are
+requested at most ``2 x io_threads`` images ahead and at most as many upscaled images wait for their upload, so the
+memory an actor holds does not grow with the batch size. Only keys go in and
 metric rows come out through Ray's object store. Every exception of one image becomes that image's failed row.
 
 What is the same for every image of a batch is done once per batch, not once per image: the filesystem of the batch's
@@ -105,6 +107,8 @@ class UpscaleWorker(ModelActor):
                           device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
                           torch_threads=torch_threads, io_threads=self.cfg.io_threads)  # fmt: skip
         self.ref_up = None
+        self.window = 2 * self.cfg.io_threads
+        """Remote reads requested ahead, and upscaled images waiting for their upload, at most (memory bound)."""
         self._shared = {
             "model": self.desc.name, "architecture": self.desc.architecture, "model_sha256": self.desc.sha256,
             "scale": self.up.scale, "dtype": str(self.up.dtype).removeprefix("torch."), "device": self.device,
@@ -132,14 +136,20 @@ class UpscaleWorker(ModelActor):
             return None  # every read or write then reports the error on its own row
 
     def _reader(self, uris: list[str]) -> Callable[[int], tuple[bytes | BaseException, float]]:
-        """``read(i)`` -> (bytes of ``uris[i]`` or the exception that is its row's error, seconds). Local files are
-        read when asked for; remote ones are all requested now on the thread pool, so they arrive while the model
-        runs."""
+        """``read(i)`` -> (bytes of ``uris[i]`` or the exception that is its row's error, seconds), asked for in
+        order. Local files are read when asked for; remote ones are requested on the thread pool up to
+        :attr:`window` images ahead, so they arrive while the model runs and a large batch never holds more."""
         fs = self._filesystem(uris)
         if fs is not None and _is_local(fs):
             return lambda i: self._read(uris[i], fs)
-        futures = [self.pool.submit(self._read, u, fs) for u in uris]
-        return lambda i: futures[i].result()
+        futures: list[Future[tuple[bytes | BaseException, float]]] = []
+
+        def read(i: int) -> tuple[bytes | BaseException, float]:
+            while len(futures) < min(len(uris), i + 1 + self.window):
+                futures.append(self.pool.submit(self._read, uris[len(futures)], fs))
+            return futures[i].result()
+
+        return read
 
     def _read(self, uri: str, fs: Any) -> tuple[bytes | BaseException, float]:
         from srbatch.errors import StorageError
@@ -249,10 +259,15 @@ class UpscaleWorker(ModelActor):
         out_fs = self._filesystem(outputs)
         rows: list[dict[str, Any]] = []
         uploads: list[Future[None] | None] = []
+        waited = 0  # uploads before this one are done (or failed)
         for i, (uri, out_uri) in enumerate(zip(inputs, outputs)):
             row: dict[str, Any] = {"input_uri": uri, "output_uri": out_uri, "status": "failed"}
             rows.append(row)
             uploads.append(None)
+            while i - waited >= self.window:  # at most `window` upscaled images wait for their encode and upload
+                if uploads[waited] is not None:
+                    uploads[waited].exception()  # waits; the error, if any, is settled below
+                waited += 1
             data, row["read_s"] = read(i)
             try:
                 if isinstance(data, BaseException):
