@@ -81,6 +81,9 @@ def build_parser(prog: str = "jobs/benchmark.py tiny") -> argparse.ArgumentParse
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads of the job's actors and of the loop [the job's default: the cluster's CPUs "
                    "divided by the actors]")  # fmt: skip
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the untimed warm-up job on 1 image (the first job of a driver process also pays Ray "
+                   "Data's one-off start; without the warm-up the first --batch-size carries it)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the results as one JSON object (last line)")
     return p
 
@@ -148,8 +151,9 @@ def plain_loop(files: list[str], in_root: str, out_root: str, model: str, *, sca
 
 
 def _job(model: str, store: Any, n: int, *, scale: int, device: str, batch_size: int, actors: int | None,
-         torch_threads: int | None, stream: Any) -> dict[str, Any]:  # fmt: skip
-    """Run the upscale job once over the benchmark's inputs and read what its manifest says about the time."""
+         torch_threads: int | None, stream: Any, inputs: str = "in") -> dict[str, Any]:  # fmt: skip
+    """Run the upscale job once over the benchmark's inputs (``<storage>/<inputs>``) and read what its manifest says
+    about the time."""
     import ray
 
     from srbatch.benchmark.measure import steady_state
@@ -160,7 +164,7 @@ def _job(model: str, store: Any, n: int, *, scale: int, device: str, batch_size:
     output = store.uri("job", run_id)
     extra: dict[str, Any] = {"gpus_per_actor": 0.0} if device == "cpu" else {}
     cfg = UpscaleConfig(
-        input=store.uri("in"), output=output, model=model, scale=scale, device=device, batch_size=batch_size,
+        input=store.uri(inputs), output=output, model=model, scale=scale, device=device, batch_size=batch_size,
         actors=actors, torch_threads=torch_threads, force=True, progress=False, run_id=run_id,
         endpoint_url=store.endpoint, **extra,
     )  # fmt: skip
@@ -282,7 +286,7 @@ def run_tiny(store: Any, args: argparse.Namespace, *, stream: Any) -> dict[str, 
     import ray
 
     from srbatch.benchmark.prepare import prepare_model, synthetic_inputs
-    from srbatch.io.storage import filesystem
+    from srbatch.io.storage import filesystem, write_bytes
     from srbatch.jobkit.resources import plan_actors
     from srbatch.upscale import UpscaleConfig
 
@@ -303,6 +307,13 @@ def run_tiny(store: Any, args: argparse.Namespace, *, stream: Any) -> dict[str, 
     print(f"benchmark tiny: (a) plain loop over {len(names)} images ...", file=sys.stderr, flush=True)
     loop = plain_loop(names, store.uri("in"), loop_root, model, scale=args.scale, device=args.device,
                       torch_threads=threads, storage_options=store.options)  # fmt: skip
+    warmup = None
+    if args.warmup:  # the first job of a driver process pays one-off costs (Ray Data's first pipeline): not timed
+        print("benchmark tiny: warm-up job on 1 image ...", file=sys.stderr, flush=True)
+        write_bytes(store.uri("warm", names[0]), inputs.files[0][1], store.options)
+        w = _job(model, store, 1, scale=args.scale, device=args.device, batch_size=1, actors=args.actors,
+                 torch_threads=args.torch_threads, stream=stream, inputs="warm")  # fmt: skip
+        warmup = {"seconds": w["seconds"], "startup_s": w["startup_s"], "ok": w["ok"]}
     jobs = []
     for b in args.batch_size:
         print(f"benchmark tiny: (b) the job, batch size {b} ...", file=sys.stderr, flush=True)
@@ -322,7 +333,7 @@ def run_tiny(store: Any, args: argparse.Namespace, *, stream: Any) -> dict[str, 
         jobs.append(job)
     return {"images": len(names), "image_size": f"{args.size}x{args.size}", "inputs": inputs.source,
             "model": args.model, "model_note": note, "scale": args.scale, "make_inputs_s": make_s, "loop": loop,
-            "jobs": jobs, "loop_output": loop_root, "input": store.uri("in")}  # fmt: skip
+            "jobs": jobs, "warmup": warmup, "loop_output": loop_root, "input": store.uri("in")}  # fmt: skip
 
 
 def _ms(v: float | None) -> str:
@@ -343,6 +354,9 @@ def render(r: dict[str, Any]) -> str:
         f"  machine          {m['cpu']}, {m['cpus']} CPUs, load avg {r['load_avg_1m']:.2f} at start; torch {m['torch']}",
         f"  ray              {ray_['how']}: import {_s(ray_['import_s'])}, ray.init {_s(ray_['init_s'])}, first "
         f"task {_s(ray_['first_task_s'])}, import ray.data {_s(ray_['data_import_s'])} (before every clock below)",
+        "  warm-up          " + ("none (--no-warmup)" if r["warmup"] is None else
+                                  f"job on 1 image: {_s(r['warmup']['seconds'])}, {_s(r['warmup']['startup_s'])} to "
+                                  "its row (the first job of a driver process; not in the figures below)"),
         f"  (a) loop         {lp['images_per_s']:.1f} images/s  ({_ms(lp['s_per_image'])}/image, {_s(lp['seconds'])};"
         f" {lp['device']}, {lp['torch_threads']} torch threads)",
         "      per image    " + ", ".join(f"{k.removesuffix('_s')} {_ms(ls[k])}" for k in STAGES),
