@@ -4,8 +4,8 @@ image of the batches it is handed, returning one small manifest row per image.
 Reads from object stores, and encodes with uploads, run on a thread pool so they overlap the model's compute; reads
 from local disk are one system call each and run inline (a thread hop costs more than the read). Remote reads are
 requested at most ``2 x io_threads`` images ahead and at most as many upscaled images wait for their upload, so the
-memory an actor holds does not grow with the batch size. Only keys go in and
-metric rows come out through Ray's object store. Every exception of one image becomes that image's failed row.
+memory an actor holds does not grow with the batch size. Only keys go in and metric rows come out through Ray's object
+store. Every exception of one image becomes that image's failed row.
 
 What is the same for every image of a batch is done once per batch, not once per image: the filesystem of the batch's
 inputs and outputs, the manifest columns every row shares (model, device, actor, run, fingerprint, ``finished_at``),
