@@ -20,7 +20,15 @@ from srbatch.benchmark.prepare import (
 )
 from srbatch.benchmark.report import machine_info, render
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "SUBCOMMANDS"]
+
+SUBCOMMANDS = {
+    "planning": "srbatch.benchmark.planning",  # the driver's planning for N inputs x R past runs
+    "handoff": "srbatch.benchmark.handoff",  # the driver's hand-off of N tasks to Ray Data
+    "tiny": "srbatch.benchmark.tiny",  # tiny images: the job against a plain loop (per-image overhead)
+    "listing": "srbatch.benchmark.listing",  # listing 100k objects on a local S3 server and a local folder
+}
+"""Benchmarks with their own flags: ``jobs/benchmark.py NAME --help``."""
 
 
 def build_parser(prog: str = "jobs/benchmark.py") -> argparse.ArgumentParser:
@@ -33,8 +41,9 @@ def build_parser(prog: str = "jobs/benchmark.py") -> argparse.ArgumentParser:
         "compute-bound model such as EDSR or RRDBNet at x4 on 256x256 inputs).",
         epilog="Models that need weights (edsr-baseline, rrdbnet, ...) are built with random weights (torch seed 0) "
         "and saved as a .safetensors file in the benchmark's storage, so the job's actors load them by URI; speed does "
-        "not depend on the weights' values. Exit codes: 0 done, 1 an image failed in the job, 2 bad arguments or "
-        "setup.",
+        "not depend on the weights' values. Other benchmarks, each with its own flags: "
+        f"{', '.join(SUBCOMMANDS)} (`{prog} NAME --help`). Exit codes: 0 done, 1 an image failed in the job, 2 bad "
+        "arguments or setup.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", "-m", default="edsr-baseline",
@@ -96,14 +105,10 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py") -> i
     """Run the benchmark as ``python jobs/benchmark.py`` does; returns the exit code (0 done, 1 an image failed in
     the job, 2 bad arguments or setup)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["planning"]:  # `jobs/benchmark.py planning ...`: the planning benchmark, its own flags
-        from srbatch.benchmark.planning import main as planning_main
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # `jobs/benchmark.py planning ...`: another benchmark, its own flags
+        import importlib
 
-        return planning_main(argv[1:], prog=f"{prog} planning")
-    if argv[:1] == ["handoff"]:  # `jobs/benchmark.py handoff ...`: the driver's hand-off to Ray Data
-        from srbatch.benchmark.handoff import main as handoff_main
-
-        return handoff_main(argv[1:], prog=f"{prog} handoff")
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:], prog=f"{prog} {argv[0]}")
     from srbatch.jobkit.cluster import ray_env_defaults
 
     ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1

@@ -4,6 +4,7 @@ thread pool, and turn each input's exception into that input's failed row (never
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -24,10 +25,14 @@ def error_fields(e: BaseException) -> dict[str, str]:
 
 
 def ray_identity() -> tuple[str, list[str]]:
-    """``(actor id, Ray GPU ids)`` of the calling actor; ``("pid-N", [])`` outside Ray (unit tests, local use)."""
-    try:
-        import ray
+    """``(actor id, Ray GPU ids)`` of the calling actor; ``("pid-N", [])`` outside Ray (unit tests, local use).
 
+    Outside Ray means no Ray connection in this process: the runtime context is then never asked for, since asking
+    starts a whole local Ray cluster (seconds, and processes left behind) just to learn there is no actor."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return f"pid-{os.getpid()}", []
+    try:
         ctx = ray.get_runtime_context()
         actor = ctx.get_actor_id() or f"pid-{os.getpid()}"
         gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]

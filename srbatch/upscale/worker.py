@@ -1,8 +1,15 @@
 """The Ray Data actor of the upscale job: loads the model once, then reads, decodes, upscales, encodes and uploads each
 image of the batches it is handed, returning one small manifest row per image.
 
-Reads, and encodes with uploads, run on a thread pool so they overlap the model's compute; only keys go in and metric
-rows come out through Ray's object store. Every exception of one image becomes that image's failed row.
+Reads from object stores, and encodes with uploads, run on a thread pool so they overlap the model's compute; reads
+from local disk are one system call each and run inline (a thread hop costs more than the read). Remote reads are
+requested at most ``2 x io_threads`` images ahead and at most as many upscaled images wait for their upload, so the
+memory an actor holds does not grow with the batch size. Only keys go in and metric rows come out through Ray's object
+store. Every exception of one image becomes that image's failed row.
+
+What is the same for every image of a batch is done once per batch, not once per image: the filesystem of the batch's
+inputs and outputs, the manifest columns every row shares (model, device, actor, run, fingerprint, ``finished_at``),
+and the result table, built column by column.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -20,10 +29,12 @@ import pyarrow as pa
 from srbatch.errors import SrbatchError
 from srbatch.jobkit.actor import ModelActor, error_fields
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import empty_row, to_table
+from srbatch.upscale.manifest import SCHEMA
 from srbatch.upscale.plan import TMP_PREFIX
 
 __all__ = ["UpscaleWorker", "image_mode", "put_atomic"]
+
+_STAGES = ("read_s", "decode_s", "infer_s", "encode_s", "write_s")
 
 
 def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
@@ -37,20 +48,36 @@ def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
 def put_atomic(fs: Any, path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` so that nothing half-written is ever visible: one PUT on object stores, a hidden
     temp file renamed into place on local disks (a leftover temp file from a killed run is removed by the next run)."""
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    parent = posixpath.dirname(path)
-    if proto in ("file", "local"):
-        os.makedirs(parent, exist_ok=True)
+    if _is_local(fs):
+        parent = posixpath.dirname(path)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the folder is made on first use only, not checked before every image
+            os.makedirs(parent, exist_ok=True)
+            f = open(tmp, "wb")
+        try:
+            with f:
                 f.write(data)
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
+        except BaseException:
+            try:
                 os.remove(tmp)
+            except OSError:
+                pass
+            raise
     else:
         fs.pipe_file(path, data)
+
+
+def _is_local(fs: Any) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class UpscaleWorker(ModelActor):
@@ -80,25 +107,84 @@ class UpscaleWorker(ModelActor):
                           device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
                           torch_threads=torch_threads, io_threads=self.cfg.io_threads)  # fmt: skip
         self.ref_up = None
+        self.window = 2 * self.cfg.io_threads
+        """Remote reads requested ahead, and upscaled images waiting for their upload, at most (memory bound)."""
+        self._shared = {
+            "model": self.desc.name, "architecture": self.desc.architecture, "model_sha256": self.desc.sha256,
+            "scale": self.up.scale, "dtype": str(self.up.dtype).removeprefix("torch."), "device": self.device,
+            "gpu_ids": ",".join(self.gpu_ids) or None, "actor_id": self.actor_id, "fingerprint": self.fingerprint,
+        }  # fmt: skip
 
-    # -------------------------------------------------------------- I/O on the thread pool
+    # -------------------------------------------------------------- I/O
 
-    def _read(self, uri: str) -> tuple[bytes | BaseException, float]:
+    def _filesystem(self, uris: list[str]) -> Any:
+        """The one fsspec filesystem of every URI in ``uris`` (None when they mix protocols or chain them: each is
+        then opened on its own, as :func:`~srbatch.io.storage.read_bytes` does)."""
+        from srbatch.io.storage import filesystem
+
+        first = uris[0]
+        prefix = first.split("://", 1)[0] + "://" if "://" in first else None
+
+        def plain(u: str) -> bool:  # same protocol as the first, no chained URL
+            return "::" not in u and (u.startswith(prefix) if prefix else "://" not in u)
+
+        if not all(plain(u) for u in uris):
+            return None
+        try:
+            return filesystem(first, self.so)[0]
+        except SrbatchError:
+            return None  # every read or write then reports the error on its own row
+
+    def _reader(self, uris: list[str]) -> Callable[[int], tuple[bytes | BaseException, float]]:
+        """``read(i)`` -> (bytes of ``uris[i]`` or the exception that is its row's error, seconds), asked for in
+        order. Local files are read when asked for; remote ones are requested on the thread pool up to
+        :attr:`window` images ahead, so they arrive while the model runs and a large batch never holds more."""
+        fs = self._filesystem(uris)
+        if fs is not None and _is_local(fs):
+            return lambda i: self._read(uris[i], fs)
+        futures: list[Future[tuple[bytes | BaseException, float]]] = []
+
+        def read(i: int) -> tuple[bytes | BaseException, float]:
+            while len(futures) < min(len(uris), i + 1 + self.window):
+                futures.append(self.pool.submit(self._read, uris[len(futures)], fs))
+            return futures[i].result()
+
+        return read
+
+    def _read(self, uri: str, fs: Any) -> tuple[bytes | BaseException, float]:
+        from srbatch.errors import StorageError
         from srbatch.io.storage import read_bytes
 
         t0 = time.perf_counter()
         try:
-            return read_bytes(uri, self.so), time.perf_counter() - t0
-        except BaseException as e:  # noqa: BLE001 - becomes the row's error
+            if fs is None:
+                data = read_bytes(uri, self.so)
+            elif _is_local(fs):
+                data = _read_local(fs._strip_protocol(uri))
+            else:
+                data = fs.cat_file(fs._strip_protocol(uri))
+            return data, time.perf_counter() - t0
+        except SrbatchError as e:
+            return e, time.perf_counter() - t0
+        except FileNotFoundError:  # the errors of read_bytes
+            return StorageError(f"not found: {uri}"), time.perf_counter() - t0
+        except Exception as e:
+            err = StorageError(f"could not read {uri}: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            return err, time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - raised again by the caller
             return e, time.perf_counter() - t0
 
-    def _write(self, uri: str, data: bytes) -> float:
+    def _write(self, uri: str, data: bytes, fs: Any) -> float:
         from srbatch.errors import StorageError
         from srbatch.io.storage import filesystem
 
         t0 = time.perf_counter()
         try:
-            fs, path = filesystem(uri, self.so)
+            if fs is None:
+                fs, path = filesystem(uri, self.so)
+            else:
+                path = fs._strip_protocol(uri)
             put_atomic(fs, path, data)
         except SrbatchError:
             raise
@@ -123,7 +209,7 @@ class UpscaleWorker(ModelActor):
         row["infer_s"] = time.perf_counter() - t
         return out
 
-    def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any]) -> None:
+    def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
         """Encode and upload one result on the I/O pool, overlapping the next image's inference."""
         from srbatch.io.images import encode_image
 
@@ -134,7 +220,7 @@ class UpscaleWorker(ModelActor):
             output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, out.alpha),
             output_bytes=len(encoded),
         )  # fmt: skip
-        row["write_s"] = self._write(out_uri, encoded)
+        row["write_s"] = self._write(out_uri, encoded, fs)
 
     def _audit(self, img: Any) -> dict[str, float]:
         """Downscale ``img`` by the scale with MATLAB bicubic, upscale, measure against ``img`` (paper convention)."""
@@ -166,32 +252,42 @@ class UpscaleWorker(ModelActor):
         """Process ``batch`` (columns ``input_uri``, ``output_uri``, ``run_id``); one manifest row per input."""
         inputs = [str(u) for u in batch["input_uri"]]
         outputs = [str(u) for u in batch["output_uri"]]
+        if not inputs:
+            return SCHEMA.empty_table()
         run_id = str(batch["run_id"][0])
-        reads = [self.pool.submit(self._read, u) for u in inputs]
+        read = self._reader(inputs)
+        out_fs = self._filesystem(outputs)
         rows: list[dict[str, Any]] = []
         uploads: list[Future[None] | None] = []
+        waited = 0  # uploads before this one are done (or failed)
         for i, (uri, out_uri) in enumerate(zip(inputs, outputs)):
-            row = empty_row(
-                run_id=run_id, input_uri=uri, output_uri=out_uri, status="failed", model=self.desc.name,
-                architecture=self.desc.architecture, model_sha256=self.desc.sha256, scale=self.up.scale,
-                dtype=str(self.up.dtype).removeprefix("torch."), device=self.device,
-                gpu_ids=",".join(self.gpu_ids) or None, actor_id=self.actor_id, fingerprint=self.fingerprint,
-            )  # fmt: skip
+            row: dict[str, Any] = {"input_uri": uri, "output_uri": out_uri, "status": "failed"}
             rows.append(row)
             uploads.append(None)
-            data, row["read_s"] = reads[i].result()
+            while i - waited >= self.window:  # at most `window` upscaled images wait for their encode and upload
+                if uploads[waited] is not None:
+                    uploads[waited].exception()  # waits; the error, if any, is settled below
+                waited += 1
+            data, row["read_s"] = read(i)
             try:
                 if isinstance(data, BaseException):
                     raise data
                 row["input_bytes"] = len(data)
                 out = self._process(uri, data, row)
-                uploads[i] = self.pool.submit(self._encode_and_write, out, out_uri, row)
+                uploads[i] = self.pool.submit(self._encode_and_write, out, out_uri, row, out_fs)
                 del out
             except Exception as e:  # noqa: BLE001 - one broken image is one failed row
                 row.update(error_fields(e), output_uri=None)
         for row, fut in zip(rows, uploads):
             self._settle(row, fut)
-            row["total_s"] = sum(row[k] or 0.0 for k in ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))
-            row["finished_at"] = empty_row()["finished_at"]
-        return to_table(rows)
+            row["total_s"] = sum(row.get(k) or 0.0 for k in _STAGES)
+        return self._table(rows, run_id, datetime.now(timezone.utc))
 
+    def _table(self, rows: list[dict[str, Any]], run_id: str, finished_at: datetime) -> pa.Table:
+        """The rows as a table of exactly the manifest's schema, column by column; the columns every row shares
+        (this actor's model and device, the run, ``finished_at``: the batch's rows are stamped together) once."""
+        shared = {**self._shared, "run_id": run_id, "finished_at": finished_at}
+        n = len(rows)
+        cols = [pa.array([shared[f.name]] * n, type=f.type) if f.name in shared else
+                pa.array([r.get(f.name) for r in rows], type=f.type) for f in SCHEMA]  # fmt: skip
+        return pa.Table.from_arrays(cols, schema=SCHEMA)
