@@ -83,7 +83,7 @@ def test_actor_killed_mid_batch_every_input_exactly_one_ok_row(ray_cluster, s3_b
     killed = None
     deadline = time.monotonic() + 300
     while t.is_alive() and time.monotonic() < deadline:
-        done = len([p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p])
+        done = len([p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p and "/_srbatch/" not in p])
         actors = [a for a in ray_state.actors().values()
                   if a["State"] == "ALIVE" and "UpscaleWorker" in a["ActorClassName"]]  # fmt: skip
         if done >= 6 and actors:  # work has started: the actors are mid-batch
@@ -100,7 +100,7 @@ def test_actor_killed_mid_batch_every_input_exactly_one_ok_row(ray_cluster, s3_b
         per_input.setdefault(r["input_uri"], []).append(r["status"])
     dup = sum(len(v) - 1 for v in per_input.values())
     not_ok = [k for k, v in per_input.items() if v != ["ok"]]
-    outputs = sorted(p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p)
+    outputs = sorted(p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p and "/_srbatch/" not in p)
     temps = [p for p in _s3().find(f"{s3_bucket}/") if ".srbatch-tmp-" in p]
     for p in outputs:  # whole, and the default model's own pixels (those of the killed actor's batch included)
         written = _s3().cat_file(p)
@@ -205,7 +205,7 @@ def test_storage_faults_are_retried_and_a_permanent_one_is_one_failed_row(ray_cl
     rows = _manifest_rows(out)  # read straight from the server, not through the proxy
     ok = {r["input_uri"] for r in rows if r["status"] == "ok"}
     failed = [r for r in rows if r["status"] == "failed"]
-    outputs = [p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p]
+    outputs = [p for p in _s3().find(f"{s3_bucket}/out/") if "/_manifest/" not in p and "/_srbatch/" not in p]
     lost = n - len([u for u in ok if "permanent-fault" not in u])
     print(f"CHAOS 2 storage faults: {proxy.faults} of {proxy.requests} requests failed by the proxy "
           f"({proxy.faults / max(1, proxy.requests):.1%}, 503 SlowDown / 500), {proxy.permanent_faults} permanent; "
@@ -478,7 +478,7 @@ def test_hostile_keys_write_nothing_outside_the_output_prefix(ray_cluster, s3_bu
           f"{len(outside_s3)}, filesystem {len(outside_fs)}; refused rows {len(refused)}, ok rows "
           f"{sum(r['status'] == 'ok' for r in rows)}")  # fmt: skip
     assert not outside_s3 and not outside_fs
-    ok_keys = sorted(k for k in after if k.startswith("out/") and "/_manifest/" not in k)
+    ok_keys = sorted(k for k in after if k.startswith("out/") and "/_manifest/" not in k and "/_srbatch/" not in k)
     assert "out/ok.png" in ok_keys and "out/fine/nested.png" in ok_keys
     assert all(".." not in k and "\\" not in k and "//" not in k for k in ok_keys)
     by_key = {r["input_uri"].split(f"s3://{s3_bucket}/", 1)[1]: r for r in rows}

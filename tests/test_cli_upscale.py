@@ -28,7 +28,7 @@ def test_embedded_default_job(tmp_path):
     out = tmp_path / "srbatch-output" / "upscale"
     assert str(out) in proc.stdout
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["_manifest", "astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
+    assert files == ["_manifest", "_srbatch", "astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout and "on cpu" in proc.stdout
     rows = pd.read_parquet(out / "_manifest")
     assert len(rows) == 4 and set(rows.status) == {"ok"} and set(rows.model) == {"default-x4"}

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"run {r['run_id']}: the manifest has {in_manifest} processed and {skipped_rows} "
                                 f"skipped rows; expected {processed} and {skipped}")  # fmt: skip
         fs.invalidate_cache()
-        outputs = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{BUCKET}/out/") if "/_manifest/" not in p)
+        outputs = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{BUCKET}/out/")
+                         if "/_manifest/" not in p and "/_srbatch/" not in p)
         print(f"\ne2e: {len(outputs)} outputs under s3://{BUCKET}/out/: {', '.join(outputs)}")
         if len(outputs) != n + len(added):
             failures.append(f"{len(outputs)} outputs for {n + len(added)} inputs")

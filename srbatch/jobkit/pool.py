@@ -43,6 +43,7 @@ def run_actor_pool(
     progress: bool = True,
     desc: str = "",
     log: logging.Logger | None = None,
+    on_batch: Callable[[pa.Table], None] | None = None,
 ) -> None:
     """Run ``actor`` (a callable class for ``Dataset.map_batches``, built once per actor with ``actor_kwargs`` and
     ``torch_threads``) over ``items`` (an Arrow table, or a few small dicts: keys and URIs, never pixels) on Ray,
@@ -53,6 +54,10 @@ def run_actor_pool(
     passed to ``on_row``: error type :data:`LOST_RESULT` when the pipeline finished without them, the exception's type
     when the pipeline itself broke (which is logged, not raised). ``KeyboardInterrupt`` propagates; the rows handed
     over so far stay handed over.
+
+    With ``on_batch``, the result rows are handed over as Arrow tables (one per batch that came back, duplicates
+    removed) instead of one dict per row: the driver then does no Python work per row but a set lookup of its key.
+    Lost items still go through ``on_row``.
     """
     import pyarrow.compute as pc
     import ray
@@ -98,6 +103,19 @@ def run_actor_pool(
         ok = failed = 0
         with bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                if on_batch is not None:
+                    got = batch[key].to_pylist()
+                    fresh = [str(k) not in seen for k in got]
+                    seen.update(str(k) for k in got)
+                    if not all(fresh):  # a retried batch's duplicates: their first rows already count
+                        batch = batch.filter(pa.array(fresh))
+                    if batch.num_rows:
+                        on_batch(batch)
+                        n_ok = pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0
+                        ok, failed = ok + n_ok, failed + batch.num_rows - n_ok
+                        bar.update(batch.num_rows)
+                        bar.set_postfix(ok=ok, failed=failed, refresh=False)
+                    continue
                 for row in batch.to_pylist():
                     k = str(row[key])
                     if k in seen:

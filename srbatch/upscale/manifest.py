@@ -2,7 +2,9 @@
 
 Parts are written whole (one PUT on object storage, temp-file + rename locally), every few seconds while the job runs,
 so a killed driver loses at most the rows of its last interval and never leaves a half-written part. The layout is
-Hive-partitioned by run (``run=<run id>``, a key distinct from the ``run_id`` column, which every part also holds), so pandas, polars, duckdb and pyarrow read the folder as one table.
+Hive-partitioned by run (``run=<run id>``, a key distinct from the ``run_id`` column, which every part also
+holds), so pandas, polars, duckdb and pyarrow read the folder as one table. The job plans from its run state
+(:mod:`srbatch.upscale.state`), never by reading this history.
 """
 
 from __future__ import annotations
@@ -87,6 +89,17 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA)
 
 
+def cast_to_schema(t: pa.Table) -> pa.Table:
+    """``t`` with exactly the manifest's columns and types (missing columns as nulls, unknown ones dropped)."""
+    cols = []
+    for f in SCHEMA:
+        if f.name in t.column_names:
+            cols.append(t.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
 def manifest_uri(output: str) -> str:
     """``<output>/_manifest``."""
     return join_uri(output, MANIFEST_DIR)
@@ -155,6 +168,8 @@ class ManifestWriter:
         self.flush_rows = flush_rows
         self.on_flush = on_flush
         self._rows: list[dict[str, Any]] = []
+        self._tables: list[pa.Table] = []
+        self._queued = 0
         self._last = time.monotonic()
         self._token = uuid.uuid4().hex[:8]
         self._seq = 0
@@ -165,7 +180,21 @@ class ManifestWriter:
     def add(self, row: Mapping[str, Any]) -> None:
         """Queue one row; writes a part when enough rows or time have gathered."""
         self._rows.append(dict(row))
-        if len(self._rows) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
+        self._queued += 1
+        self._maybe_flush()
+
+    def add_batch(self, table: pa.Table) -> None:
+        """Queue the rows of ``table`` (cast to the manifest's schema); writes a part when enough rows or time have
+        gathered."""
+        if self._rows:  # keep the order rows came in
+            self._tables.append(to_table(self._rows))
+            self._rows.clear()
+        self._tables.append(cast_to_schema(table))
+        self._queued += table.num_rows
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if self._queued >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
             self.flush()
 
     def add_table(self, table: pa.Table, *, rows_per_part: int = TABLE_PART_ROWS) -> None:
@@ -177,10 +206,14 @@ class ManifestWriter:
     def flush(self) -> None:
         """Write the queued rows as one part (nothing when the queue is empty)."""
         self._last = time.monotonic()
-        if not self._rows:
+        if self._rows:
+            self._tables.append(to_table(self._rows))
+            self._rows.clear()
+        if not self._tables:
             return
-        self._write(to_table(self._rows))
-        self._rows.clear()
+        self._write(pa.concat_tables(self._tables))
+        self._tables.clear()
+        self._queued = 0
 
     def _write(self, table: pa.Table) -> None:
         buf = io.BytesIO()

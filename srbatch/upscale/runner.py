@@ -243,6 +243,30 @@ def _record(res: JobResult, writer: ManifestWriter, row: dict[str, Any]) -> None
         res.devices[row["actor_id"]] = f"{row.get('device')}{gpu}"
 
 
+def _record_batch(res: JobResult, writer: ManifestWriter, batch: pa.Table) -> None:
+    """:func:`_record` for a batch of result rows, in Arrow (Python objects only for failures and new actors)."""
+    import pyarrow.compute as pc
+
+    writer.add_batch(batch)
+    is_ok = pc.equal(batch["status"], "ok")
+    n_ok = pc.sum(is_ok).as_py() or 0
+    res.ok += n_ok
+    res.failed += batch.num_rows - n_ok
+    if n_ok < batch.num_rows and len(res.failures) < MAX_FAILURES_KEPT:
+        bad = batch.filter(pc.invert(is_ok)).select(["input_uri", "error_type", "error_message"]).to_pylist()
+        for r in bad[: MAX_FAILURES_KEPT - len(res.failures)]:
+            res.failures.append((r["input_uri"], f"{r.get('error_type')}: {r.get('error_message')}"))
+    if "total_s" in batch.column_names:
+        res.latencies.extend(x for x in batch.filter(is_ok)["total_s"].to_pylist() if x is not None)
+    if "actor_id" in batch.column_names:
+        for r in batch.select([c for c in ("actor_id", "device", "gpu_ids") if c in batch.column_names]).slice(
+            0, 1
+        ).to_pylist():  # one actor per batch
+            if r.get("actor_id") and r["actor_id"] not in res.devices:
+                gpu = f", Ray GPU ids {r['gpu_ids']}" if r.get("gpu_ids") else ""
+                res.devices[r["actor_id"]] = f"{r.get('device')}{gpu}"
+
+
 def _run_pipeline(
     cfg: UpscaleConfig,
     plan: Plan,
@@ -272,6 +296,7 @@ def _run_pipeline(
                 resources=rs,
                 batch_size=cfg.batch_size,
                 on_row=lambda row: _record(res, writer, row),
+                on_batch=lambda batch: _record_batch(res, writer, batch),
                 lost_row=lambda item, error_type, message: empty_row(
                     input_uri=item["input_uri"], status="failed", error_type=error_type, error_message=message, **common
                 ),

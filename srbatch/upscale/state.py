@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from srbatch.errors import StorageError
 from srbatch.io.storage import filesystem, join_uri
-from srbatch.upscale.manifest import SCHEMA, manifest_uri, put_atomic
+from srbatch.upscale.manifest import SCHEMA, cast_to_schema, manifest_uri, put_atomic
 
 log = logging.getLogger("srbatch.upscale")
 
@@ -67,17 +67,6 @@ STATE_ROW_GROUP = 65_536
 def control_uri(output: str, *parts: str) -> str:
     """``<output>/_srbatch[/parts...]``."""
     return join_uri(output, CONTROL_DIR, *parts)
-
-
-def cast_to_schema(t: pa.Table) -> pa.Table:
-    """``t`` with exactly the manifest's columns and types (missing columns as nulls, unknown ones dropped)."""
-    cols = []
-    for f in SCHEMA:
-        if f.name in t.column_names:
-            cols.append(t.column(f.name).cast(f.type))
-        else:
-            cols.append(pa.nulls(t.num_rows, f.type))
-    return pa.Table.from_arrays(cols, schema=SCHEMA)
 
 
 def latest_outcomes(table: pa.Table | None) -> pa.Table:
