@@ -5,7 +5,8 @@ upscale job does, with an actor that does no work (so only the hand-off is measu
     python jobs/benchmark.py handoff --items 100000 --mode dicts --json
 
 ``--mode arrow`` (the job's way): :func:`srbatch.jobkit.pool.run_actor_pool` on an Arrow table of (input_uri,
-output_uri, run_id), Ray Data blocks made from slices of it, the driver keeping only the set of keys that came back.
+output_uri, run_id), Ray Data blocks made from slices of it, result rows handed back as Arrow batches, the driver
+keeping only the set of keys that came back.
 ``--mode dicts`` (the way before issue 14, kept here for comparison): a Python dict per task, ``ray.data.from_items``
 with one block per batch, and a dict of pending tasks on the driver. Each mode runs in a fresh driver process against
 a local Ray cluster started for the run (2 CPUs by default), and reports its peak RSS (``ru_maxrss``; the driver's
@@ -79,6 +80,10 @@ def _measure(mode: str, n: int, batch_size: int, cpus: int) -> dict[str, Any]:
         nonlocal seen
         seen += 1
 
+    def on_batch(batch: Any) -> None:
+        nonlocal seen
+        seen += batch.num_rows
+
     def lost(item: Any, error_type: str, message: str) -> dict[str, Any]:
         return {"input_uri": item["input_uri"], "status": "failed"}
 
@@ -86,7 +91,7 @@ def _measure(mode: str, n: int, batch_size: int, cpus: int) -> dict[str, Any]:
     table = _tasks(n)
     if mode == "arrow":
         run_actor_pool(table, key="input_uri", actor=NoWork, actor_kwargs={}, resources=rs, batch_size=batch_size,
-                       on_row=on_row, lost_row=lost, progress=False)  # fmt: skip
+                       on_row=on_row, on_batch=on_batch, lost_row=lost, progress=False)  # fmt: skip
     else:
         _dicts_handoff(table.to_pylist(), batch_size, rs, on_row)
     del table
