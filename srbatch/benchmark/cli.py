@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py") -> i
         from srbatch.benchmark.planning import main as planning_main
 
         return planning_main(argv[1:], prog=f"{prog} planning")
+    if argv[:1] == ["listing"]:  # `jobs/benchmark.py listing ...`: the listing benchmark, its own flags
+        from srbatch.benchmark.listing import main as listing_main
+
+        return listing_main(argv[1:], prog=f"{prog} listing")
     from srbatch.jobkit.cluster import ray_env_defaults
 
     ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
