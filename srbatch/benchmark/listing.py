@@ -47,8 +47,9 @@ def build_parser(prog: str = "jobs/benchmark.py listing") -> argparse.ArgumentPa
     p.add_argument("--per-folder", type=int, default=1000, help="objects per folder")
     p.add_argument("--storage", choices=["both", "s3", "local"], default="both", help="where to list")
     p.add_argument("--concurrency", type=int, nargs="+", default=None,
-                   help="S3 only: also list with these numbers of requests in flight (srbatch.io.listing.s3_walk); "
-                   "the library's default is measured in any case")  # fmt: skip
+                   help="S3 only: also list with these numbers of requests in flight (srbatch.io.listing.s3_walk, "
+                   "on a client whose connection pool holds that many); list_images and list_files are measured "
+                   "with the library's default in any case")  # fmt: skip
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="S3 only: also measure with this delay added before every list request (an asyncio sleep in "
                    "the client, the same for every method), to model a remote endpoint's round trip; loopback has "
@@ -223,9 +224,14 @@ def _measure_s3(
     rows.append(_row(where, f"list_files (new, {S3_CONCURRENCY} in flight)", s, n, requests=counter.n))
     if files != ref:
         wrong.append("s3 list_files differs from fs.find")
+    if concurrencies:  # a client whose connection pool holds them all (botocore's default pool holds 10)
+        big = s3fs.S3FileSystem(**so, config_kwargs={"max_pool_connections": max(concurrencies)})
+        big.ls(BUCKET)
+        counter = _RequestCounter(big, latency)
     for c in concurrencies:
         counter.n = 0
-        got, s = _timed(lambda: s3_walk(fs, path, lambda rel: False, concurrency=c))  # noqa: B023
+        big.invalidate_cache()
+        got, s = _timed(lambda: s3_walk(big, path, lambda rel: False, concurrency=c))  # noqa: B023
         rows.append(_row(where, f"s3_walk, {c} in flight", s, n, requests=counter.n))
         if sorted(got) != ref:
             wrong.append(f"s3 s3_walk with concurrency {c} differs from fs.find")

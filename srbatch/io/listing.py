@@ -19,8 +19,10 @@ __all__ = ["S3_CONCURRENCY", "fast_kind", "local_walk", "s3_walk"]
 
 log = logging.getLogger("srbatch.io")
 
-S3_CONCURRENCY = 16
-"""Listing requests in flight at once on S3 (see ``jobs/benchmark.py listing``)."""
+S3_CONCURRENCY = 10
+"""List requests in flight at once on S3 when the client's connection pool size is not set: botocore's default pool
+(``max_pool_connections``) holds 10 connections, so more requests would only wait for one. Storage options
+``{"config_kwargs": {"max_pool_connections": N}}`` raise both (see ``jobs/benchmark.py listing``)."""
 
 _S3_FANOUT = 32  # split the prefix tree (one delimiter listing per level) until this many prefixes are in hand ...
 _S3_SPLIT_LEVELS = 3  # ... or this many levels were split
@@ -73,20 +75,23 @@ def local_walk(root: str, prune: Prune) -> list[str]:
     return out
 
 
-def s3_walk(fs: Any, path: str, prune: Prune, *, concurrency: int = S3_CONCURRENCY) -> list[str]:
+def s3_walk(fs: Any, path: str, prune: Prune, *, concurrency: int | None = None) -> list[str]:
     """Every object under the S3 prefix ``path`` (``bucket`` or ``bucket/key``, as ``fs._strip_protocol`` gives) as
     ``bucket/key``, the objects ``fs.find(path)`` returns (folder placeholder objects ``key/`` included).
 
     The prefix is split by delimiter listings (its top level first, then lower levels while there are few
     sub-prefixes), pruned sub-prefixes are never listed, and every sub-prefix left is listed recursively, up to
-    ``concurrency`` list requests in flight. Keys under the top level and sub-prefixes partition the prefix's keys, so
+    ``concurrency`` list requests in flight (default: the client's connection pool size, else
+    :data:`S3_CONCURRENCY`). Keys under the top level and sub-prefixes partition the prefix's keys, so
     nothing is listed twice or missed.
     """
     from fsspec.asyn import sync
 
     bucket, _, key = path.partition("/")
     prefix = f"{key.strip('/')}/" if key.strip("/") else ""
-    return sync(fs.loop, _s3_walk, fs, bucket, prefix, prune, max(1, concurrency))
+    if concurrency is None:
+        concurrency = (getattr(fs, "config_kwargs", None) or {}).get("max_pool_connections") or S3_CONCURRENCY
+    return sync(fs.loop, _s3_walk, fs, bucket, prefix, prune, max(1, int(concurrency)))
 
 
 async def _s3_walk(fs: Any, bucket: str, prefix: str, prune: Prune, concurrency: int) -> list[str]:

@@ -135,7 +135,10 @@ def list_files(
         fs.invalidate_cache()  # actors wrote here; the cached listings are stale
         if fast_kind(fs) == "local" and not fs.isdir(path):
             return [path] if fs.isfile(path) else []
-        found = _walk(fs, path, lambda rel: rel in skip)
+        try:
+            found = _walk(fs, path, lambda rel: rel in skip)
+        except FileNotFoundError:  # an S3 bucket that does not exist: nothing under it
+            found = []
         if not found and fast_kind(fs) == "s3" and path.strip("/").count("/") and fs.isfile(path):
             found = [path]  # a single object, as fs.find gives it
         return sorted(found)
