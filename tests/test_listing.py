@@ -28,17 +28,19 @@ TREE = sorted(
         "_srbatch/state.parquet", "_srbatch/runs/r.json", "_srbatch/y.png",
         "sub/_manifest/z.png", "sub/_srbatch/w.png", "sub/_manifestx/kept.png", "sub/v.png",
         "_manifest.png", "ünï/çødé 🙂.png", "日本/画像.PNG", "sp ace/a b.tif",
+        "..\\bs.png", "q/..\\r/s.png",  # names with backslashes are path tricks, not hidden names: kept (refused later)
     ]
 )  # fmt: skip
 SKIP = ("_manifest", "_srbatch")
 
 
 def _expected_images(rel_keys: list[str]) -> list[str]:
-    """The images list_images names, written out: image extension, no part hidden, _manifest or _srbatch."""
+    """The images list_images names, written out: image extension, no part hidden, _manifest or _srbatch ("." and
+    ".." parts, and names with a backslash, are not hidden: the jobs refuse those keys with a row each)."""
     out = []
     for k in rel_keys:
         parts = k.split("/")
-        if any(p.startswith(".") or p in SKIP for p in parts):
+        if any((p.startswith(".") and p not in (".", "..") and "\\" not in p) or p in SKIP for p in parts):
             continue
         if posixpath.splitext(k)[1].lower() in IMAGE_EXTENSIONS:
             out.append(k)
@@ -53,7 +55,10 @@ def test_expectations_are_not_empty():
     # the oracle's filter removes what it should and keeps the rest (so the tests below compare non-trivial lists)
     imgs = _expected_images(TREE)
     assert "a/b/c/d/e/f/deep.png" in imgs and "UPPER.PNG" in imgs and "_manifest.png" in imgs
-    assert not any(k.startswith(("_manifest/", "_srbatch/", ".")) or "/." in k for k in imgs)
+    for k in (".hidden_top.png", "a/.git/x.png", "a/b/.cache/y.png", "a/b/.z.png", "a/.srbatch-tmp-123.png",
+              "_manifest/x.png", "_srbatch/y.png", "sub/_manifest/z.png", "sub/_srbatch/w.png", "top.txt"):
+        assert k in TREE and k not in imgs
+    assert "..\\bs.png" in imgs and "q/..\\r/s.png" in imgs
     assert "sub/_manifestx/kept.png" in imgs and "sub/_manifest/z.png" not in imgs
     files = _expected_files(TREE)
     assert "a/.srbatch-tmp-123.png" in files and "sub/_manifest/z.png" in files and ".hidden_top.png" in files
@@ -112,7 +117,7 @@ def test_local_list_files_absent_prefix_and_single_file(local_tree):
 
 def test_local_list_images_equals_os_walk(local_tree):
     root = str(local_tree)
-    hidden = lambda name: name.startswith(".") or name in SKIP  # noqa: E731
+    hidden = lambda name: (name.startswith(".") and "\\" not in name) or name in SKIP  # noqa: E731
     expected = [
         p for p in _walk_oracle(root, prune=hidden)
         if not hidden(posixpath.basename(p)) and posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS
@@ -168,6 +173,7 @@ def s3_tree(s3_server):
 
     put(f"/{bucket}")
     keys = [f"out/{k}" for k in TREE] + ["out/placeholder/", "out/a/b/", "outside.png", "out2/x.png"]
+    keys += ["out/./dot.png", "out/../up.png", "out/k/./../w.png", "out/.h/./x.png", "out//twice.png"]  # S3 only
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(lambda k: put(f"/{bucket}/{k}"), keys))
     return bucket
@@ -183,10 +189,10 @@ def _boto_keys(bucket: str, prefix: str) -> list[str]:
 def test_s3_list_files_equals_boto3(s3_tree, fanout):
     b = s3_tree
     keys = _boto_keys(b, "out/")
-    assert len(keys) == len(TREE) + 2
+    assert len(keys) == len(TREE) + 7
     expected = sorted(f"{b}/{k}" for k in keys if k[4:].split("/", 1)[0] not in SKIP or "/" not in k[4:])
-    assert expected == sorted([f"{b}/out/{k}" for k in _expected_files(TREE)] + [f"{b}/out/placeholder/",
-                                                                                f"{b}/out/a/b/"])  # fmt: skip
+    extra = ["placeholder/", "a/b/", "./dot.png", "../up.png", "k/./../w.png", ".h/./x.png", "/twice.png"]
+    assert expected == sorted(f"{b}/out/{k}" for k in _expected_files(TREE) + extra)
     assert list_files(f"s3://{b}/out") == expected
     assert list_files(f"s3://{b}/out/") == expected
     everything = sorted(f"{b}/{k}" for k in _boto_keys(b, ""))
@@ -206,7 +212,7 @@ def test_s3_list_images_equals_boto3(s3_tree, fanout):
     b = s3_tree
     rel = [k[4:] for k in _boto_keys(b, "out/")]
     expected = [f"s3://{b}/out/{k}" for k in _expected_images(rel)]
-    assert len(expected) == MANY + FANOUT + 2 + 11
+    assert len(expected) == MANY + FANOUT + 2 + 13 + 4  # + ./dot, ../up, k/./../w, /twice
     assert list_images(f"s3://{b}/out") == expected
     assert list_images(f"s3://{b}/out/") == expected
     assert list_images(f"s3://{b}/out/a") == [f"s3://{b}/out/a/b/c/d/e/f/deep.png", f"s3://{b}/out/a/b/e.jpg",
