@@ -239,3 +239,33 @@ def test_memory_backend_keeps_the_plain_path():
         assert list_files(f"memory://{base}-nope") == []
     finally:
         fs.rm("/srbatch-listing-test", recursive=True)
+
+
+# -------------------------------------------------------------------------------------------------------- benchmark
+
+
+def _run_benchmark(capsys, *args: str) -> dict:
+    import json
+
+    from srbatch.benchmark.cli import main
+
+    assert main(["listing", "--objects", "45", "--per-folder", "10", "--json", *args]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "45 objects in 5 folders of 10" in out[0]
+    return json.loads(out[-1])
+
+
+def test_listing_benchmark_local(capsys):
+    r = _run_benchmark(capsys, "--storage", "local")
+    assert [row["method"].split()[0] for row in r["rows"]] == ["fsspec", "list_images", "list_files"]
+    assert all(row["seconds"] > 0 and row["storage"] == "local" for row in r["rows"])
+
+
+@pytest.mark.slow
+def test_listing_benchmark_s3(capsys):
+    # the benchmark checks every listing against fs.find (exit code 1 otherwise) and counts the list requests
+    r = _run_benchmark(capsys, "--storage", "s3", "--concurrency", "3", "--latency-ms", "1")
+    rows = {(row["storage"], row["method"].split()[0]): row for row in r["rows"]}
+    assert set(rows) == {(s, m) for s in ("s3", "s3+1ms") for m in ("s3fs", "list_images", "list_files", "s3_walk,")}
+    assert rows["s3", "s3fs"]["requests"] == 1  # one listing of the prefix without a delimiter: 45 keys, one page
+    assert rows["s3", "list_files"]["requests"] == 1 + 5  # the top level with a delimiter, then each folder

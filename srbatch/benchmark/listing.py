@@ -182,14 +182,17 @@ def _make_local(root: str, keys: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------ measurement
 
 
-def _timed(fn: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
+def _timed(fn: Any) -> tuple[Any, tuple[float, float]]:
+    """``fn()``, and the wall seconds and this process's CPU seconds (all threads: the client's, not the S3
+    server's) it took."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t
+    return out, (time.perf_counter() - t, time.process_time() - c)
 
 
-def _row(storage: str, method: str, seconds: float, n: int, **extra: Any) -> dict[str, Any]:
-    return {"storage": storage, "method": method, "seconds": seconds, "objects_per_s": n / seconds, **extra}
+def _row(storage: str, method: str, s: tuple[float, float], n: int, **extra: Any) -> dict[str, Any]:
+    return {"storage": storage, "method": method, "seconds": s[0], "client_cpu_s": s[1], "objects_per_s": n / s[0],
+            **extra}  # fmt: skip
 
 
 def _measure_s3(
@@ -285,12 +288,12 @@ def _render(r: dict[str, Any]) -> str:
         f"  machine  {m['cpu']}, {m['cpus']} CPUs, load average {load} (1, 5, 15 min) at start; Python {m['python']}",
         "  setup    " + ", ".join(f"{k} {v:.1f}" for k, v in r["setup"].items()),
         "",
-        f"  {'storage':<10} {'method':<46} {'seconds':>9} {'objects/s':>11} {'requests':>9}",
+        f"  {'storage':<10} {'method':<46} {'seconds':>9} {'objects/s':>11} {'client CPU s':>12} {'requests':>9}",
     ]
     for row in r["rows"]:
         req = row.get("requests")
         lines.append(f"  {row['storage']:<10} {row['method']:<46} {row['seconds']:>9.3f} {row['objects_per_s']:>11,.0f} "
-                     f"{'' if req is None else req:>9}")  # fmt: skip
+                     f"{row['client_cpu_s']:>12.3f} {'' if req is None else req:>9}")  # fmt: skip
     lines.append("  s3: moto's server in its own process on 127.0.0.1 (no network latency; moto spends time "
                  "proportional to the bucket's size on each list request); s3+Xms: the same with X ms added before "
                  "each list request")  # fmt: skip
