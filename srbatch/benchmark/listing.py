@@ -294,7 +294,8 @@ def _render(r: dict[str, Any]) -> str:
         req = row.get("requests")
         lines.append(f"  {row['storage']:<10} {row['method']:<46} {row['seconds']:>9.3f} {row['objects_per_s']:>11,.0f} "
                      f"{row['client_cpu_s']:>12.3f} {'' if req is None else req:>9}")  # fmt: skip
-    lines.append("  s3: moto's server in its own process on 127.0.0.1 (no network latency; moto spends time "
-                 "proportional to the bucket's size on each list request); s3+Xms: the same with X ms added before "
-                 "each list request")  # fmt: skip
+    if any(row["storage"].startswith("s3") for row in r["rows"]):
+        lines.append("  s3: moto's server in its own process on 127.0.0.1 (no network latency; moto spends time "
+                     "proportional to the bucket's size on each list request); s3+Xms: the same with X ms added "
+                     "before each list request")  # fmt: skip
     return "\n".join(lines)
