@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from srbatch.errors import StorageError
+from srbatch.io.listing import fast_kind, local_walk, s3_walk
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".jfif", ".avif",
      ".heic", ".heif"}
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "list_files", "read_bytes", "write_bytes", "join_uri", "filesystem"]
+__all__ = ["IMAGE_EXTENSIONS", "SKIP_FOLDERS", "filesystem", "join_uri", "list_files", "list_images", "read_bytes",
+           "write_bytes"]  # fmt: skip
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -45,6 +47,28 @@ def _is_image(path: str, extensions: frozenset[str]) -> bool:
     return posixpath.splitext(path)[1].lower() in extensions
 
 
+SKIP_FOLDERS = ("_manifest", "_srbatch")
+"""Folders of the jobs' own records under an output prefix: never listed as inputs or outputs."""
+
+
+def _walk(fs: fsspec.AbstractFileSystem, path: str, prune: Callable[[str], bool]) -> list[str]:
+    """Every file under the folder/prefix ``path`` as ``fs.find`` names them, unsorted, without listing the folders
+    ``prune`` (given a folder's path relative to ``path``) refuses: a scandir walk locally, S3 prefixes in parallel,
+    ``fs.find`` then a filter for other backends."""
+    kind = fast_kind(fs)
+    if kind == "local":
+        return local_walk(path, prune)
+    if kind == "s3":
+        return s3_walk(fs, path, prune)
+    base = path.rstrip("/")
+    out = []
+    for p in fs.find(path):
+        rel = p[len(base) :].strip("/").split("/")[:-1]
+        if not any(prune("/".join(rel[: i + 1])) for i in range(len(rel))):
+            out.append(p)
+    return out
+
+
 def list_images(
     spec: str,
     storage_options: Mapping[str, Any] | None = None,
@@ -53,9 +77,10 @@ def list_images(
 ) -> list[str]:
     """Sorted URIs of the image files named by ``spec``: a file, a folder/prefix (recursive), or a glob.
 
-    Globs follow fsspec (``**`` crosses folders). Hidden files and folders (``.`` prefix) and ``_manifest`` are skipped
-    when listing a folder; ``.`` and ``..`` path parts are kept (the jobs refuse those keys, one row each). An empty
-    result is an error that names the spec.
+    Globs follow fsspec (``**`` crosses folders). Hidden files and folders (``.`` prefix), ``_manifest`` and
+    ``_srbatch`` are skipped when listing a folder; ``.`` and ``..`` path parts are kept (the jobs refuse those keys,
+    one row each). An empty result is an error that names the spec. Local folders and S3 prefixes are listed fast
+    (:mod:`srbatch.io.listing`), other backends with ``fs.find``.
     """
     fs, path = filesystem(spec, storage_options)
     try:
@@ -65,13 +90,8 @@ def list_images(
         elif fs.isfile(path):
             found = [path]
         elif fs.isdir(path):
-            found = [p for p in fs.find(path) if _is_image(p, extensions)]
             base = path.rstrip("/")
-            found = [
-                p
-                for p in found
-                if not any(_hidden(part) or part == "_manifest" for part in p[len(base) :].split("/"))
-            ]
+            found = [p for p in _walk(fs, path, _skipped_folder) if _is_image(p, extensions) and _kept(p[len(base) :])]
         else:
             raise StorageError(f"{spec!r} does not exist (no file, folder/prefix or glob match); check the path")
     except StorageError:
@@ -84,22 +104,44 @@ def list_images(
     return out
 
 
+def _kept(rel: str) -> bool:
+    """False when a part of ``rel`` ("/"-separated, from "/") is hidden or a skipped folder's name."""
+    if "/." not in rel and not any(f"/{name}" in rel for name in SKIP_FOLDERS):
+        return True  # no part can be hidden (starts with ".") or named as a skipped folder: the common case, fast
+    return not any(_skipped_part(part) for part in rel.split("/"))
+
+
+def _skipped_part(part: str) -> bool:
+    return _hidden(part) or part in SKIP_FOLDERS
+
+
+def _skipped_folder(rel: str) -> bool:
+    return any(_skipped_part(part) for part in rel.split("/"))
+
+
 def list_files(
     uri: str,
     storage_options: Mapping[str, Any] | None = None,
     *,
-    skip_top: tuple[str, ...] = ("_manifest", "_srbatch"),
+    skip_top: Collection[str] = SKIP_FOLDERS,
 ) -> list[str]:
-    """Every file under the prefix ``uri`` as filesystem paths (no protocol), sorted, hidden files included, the
-    top-level folders ``skip_top`` left out. An absent prefix gives an empty list."""
+    """Every file under the folder/prefix ``uri``, sorted, as the filesystem paths ``fs.find`` returns (no protocol:
+    ``bucket/key`` on S3, absolute paths locally), hidden files included. The top-level folders named in ``skip_top``
+    are never listed. An absent prefix gives ``[]``. Local folders and S3 prefixes are listed fast
+    (:mod:`srbatch.io.listing`), other backends with ``fs.find``."""
     fs, path = filesystem(uri, storage_options)
-    base = path.rstrip("/")
+    skip = frozenset(skip_top)
     try:
-        fs.invalidate_cache()
-        if not fs.exists(base):
-            return []
-        skip = tuple(f"{base}/{d}/" for d in skip_top)
-        return sorted(p.rstrip("/") for p in fs.find(base) if not p.startswith(skip))
+        fs.invalidate_cache()  # actors wrote here; the cached listings are stale
+        if fast_kind(fs) == "local" and not fs.isdir(path):
+            return [path] if fs.isfile(path) else []
+        try:
+            found = _walk(fs, path, lambda rel: rel in skip)
+        except FileNotFoundError:  # an S3 bucket that does not exist: nothing under it
+            found = []
+        if not found and fast_kind(fs) == "s3" and path.strip("/").count("/") and fs.isfile(path):
+            found = [path]  # a single object, as fs.find gives it
+        return sorted(found)
     except Exception as e:
         raise StorageError(f"could not list {uri!r}: {type(e).__name__}: {e}") from e
 
