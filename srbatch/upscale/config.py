@@ -61,6 +61,13 @@ class UpscaleConfig(ActorPoolConfig):
         0.0, ge=0, le=1, description="exit 1 when more than this fraction of processed images failed (0: any failure)"
     )
     force: bool = Field(False, description="redo every input, even those with an ok row and output")
+    check_outputs: Literal["list", "trust"] = Field(
+        "list",
+        description="list: list the output prefix and redo inputs whose output is gone; trust: take the run state's "
+        "word that a done input's output is there (no output listing: for buckets of millions where nothing else "
+        "deletes outputs)",
+    )
+    batch_size: int = Field(32, ge=1, description="images handed to an actor per call")
     run_id: str = Field(default_factory=default_run_id, description="run id recorded in the manifest [UTC time]")
     manifest_flush_seconds: float = Field(
         30.0, gt=0, description="write the manifest rows gathered so far at least this often"

@@ -127,7 +127,7 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
     fp = fingerprint(cfg, ident)
     store = RunState(cfg.output, so)
     loaded = store.load(reopen=cfg.run_id)
-    outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg)
+    outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg) if cfg.check_outputs == "list" else None
     plan = make_plan(cfg, fp, loaded.table, outputs=outputs)
     del outputs
     loaded.table = loaded.table.slice(0, 0)  # planning is done with it
