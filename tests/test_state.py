@@ -244,3 +244,26 @@ def test_job_resumes_after_a_crash_between_its_parts_and_its_state(ray_cluster, 
     assert (r5.ok, r5.failed, r5.skipped) == (0, 1, 8) and _outputs(out) == before
     assert "cannot be read" in caplog.text
     assert not list((out / "_srbatch" / "active").glob("*.json"))  # every run removed its marker
+
+
+def test_trusting_the_state_skips_the_output_listing_and_its_check(tmp_path):
+    """``--check-outputs trust``: inputs whose state says done are skipped even when their output was deleted (the
+    listing is not made); ``list`` (the default) redoes them."""
+    src, out, runs, outs = _history(tmp_path, 400, 6, seed=3)
+    _write_runs(out, runs, commit=set(range(6)))
+    state = RunState(str(out)).load().table
+    done_listed, _ = _oracle(runs, out, FP_NOW)
+    missing = [o for o in outs if not os.path.exists(o)]
+    assert missing  # the history deleted some outputs
+    for o in missing:  # make the outputs exist to get the oracle's answer without the existence check
+        Path(o).parent.mkdir(parents=True, exist_ok=True)
+        Path(o).touch()
+    done_all, _ = _oracle(runs, out, FP_NOW)
+    for o in missing:
+        os.remove(o)
+    assert done_all > done_listed
+    base = dict(input=str(src), output=str(out), model="bicubic", scale=2, progress=False)
+    listed = make_plan(UpscaleConfig(**base), FP_NOW, state)
+    trusted = make_plan(UpscaleConfig(**base, check_outputs="trust"), FP_NOW, state)
+    assert set(listed.done.to_pylist()) == done_listed
+    assert set(trusted.done.to_pylist()) == done_all
