@@ -9,7 +9,7 @@ output_uri, run_id), Ray Data blocks made from slices of it, result rows handed 
 keeping only the set of keys that came back.
 ``--mode dicts`` (the way before issue 14, kept here for comparison): a Python dict per task, ``ray.data.from_items``
 with one block per batch, and a dict of pending tasks on the driver. Each mode runs in a fresh driver process against
-a local Ray cluster started for the run (2 CPUs by default), and reports its peak RSS (``ru_maxrss``; the driver's
+a local Ray cluster started for the run (2 CPUs by default), and reports its peak RSS (``VmHWM``; the driver's
 pages of Ray's object store it wrote count in it) and seconds.
 """
 
@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,10 +38,12 @@ class NoWork:
         return {"input_uri": batch["input_uri"], "status": ["ok"] * n, "output_uri": batch["output_uri"]}
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """Resident memory (``VmRSS``) or its peak (``VmHWM``, which unlike ``ru_maxrss`` does not carry a parent's peak
+    over ``exec``), in MiB."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -96,7 +97,7 @@ def _measure(mode: str, n: int, batch_size: int, cpus: int) -> dict[str, Any]:
         _dicts_handoff(table.to_pylist(), batch_size, rs, on_row)
     del table
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _rss_mib("VmHWM")
     ray.shutdown()
     return {"mode": mode, "items": n, "rows": seen, "seconds": seconds, "ray_start_s": ray_start_s,
             "rss_before_mib": rss_before, "peak_rss_mib": peak}  # fmt: skip

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -193,10 +192,15 @@ def _config(in_dir: str, out_dir: str) -> Any:
     return UpscaleConfig(input=in_dir, output=out_dir, model=MODEL, scale=SCALE, run_id=MEASURED_RUN, progress=False)
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``), in MiB.
+
+    The peak is read from ``VmHWM``, not ``getrusage().ru_maxrss``: on Linux ``ru_maxrss`` survives ``exec``, so a
+    child started by ``subprocess`` (vfork + exec) reports its parent's peak when that was higher (the parent had
+    just built the synthetic history)."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -240,7 +244,7 @@ def _measure(in_dir: str, out_dir: str) -> dict[str, Any]:
     store.merge(writer.outcome_table(), [*loaded.folded_runs, cfg.run_id])
     sec["commit_state"] = time.perf_counter() - t
     shutil.rmtree(run_uri(cfg.output, cfg.run_id), ignore_errors=True)  # the history stays R runs
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _rss_mib("VmHWM")
     return {
         "seconds": sec,
         "total_s": sum(sec.values()),
