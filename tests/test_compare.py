@@ -124,8 +124,10 @@ def test_reference_mode_on_s3_matches_evaluate_and_renders(ray_cluster, s3_bucke
         assert len(mine) == ev.n_images == 4
         for e in ev.rows:
             r = mine[e.image]
-            assert r["psnr_y"] == pytest.approx(e.psnr_y, abs=1e-6) and r["ssim_y"] == pytest.approx(e.ssim_y, abs=1e-8)
-            assert r["psnr_rgb"] == pytest.approx(e.psnr_rgb, abs=1e-6)
+            # same images, same convention: equal up to the rounding of a few output pixels, which the actor (its own
+            # torch thread count) and this process may round apart by one level (seen once: 4.6e-6 dB on psnr_rgb)
+            assert r["psnr_y"] == pytest.approx(e.psnr_y, abs=1e-4) and r["ssim_y"] == pytest.approx(e.ssim_y, abs=1e-6)
+            assert r["psnr_rgb"] == pytest.approx(e.psnr_rgb, abs=1e-4)
             assert r["runtime_s"] > 0 and (r["params"] == 0) == (label == "bicubic")
             # the output image exists, decodes, and is x4 the LR
             with fs.open(r["output_uri"], "rb") as f, Image.open(f) as im:
