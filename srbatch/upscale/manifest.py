@@ -29,6 +29,8 @@ from srbatch.io.storage import filesystem, join_uri
 log = logging.getLogger("srbatch.upscale")
 
 MANIFEST_DIR = "_manifest"
+TMP_PREFIX = ".srbatch-tmp-"
+"""Name prefix of the temp files of atomic local writes (swept by the next run)."""
 
 SCHEMA = pa.schema(
     [
@@ -111,19 +113,26 @@ def run_uri(output: str, run_id: str) -> str:
 
 
 def put_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing or the whole file: one PUT on object stores, a hidden temp
-    file renamed into place on local disks."""
-    parent = posixpath.dirname(path)
+    """Write ``data`` at ``path`` so that nothing half-written is ever visible: one PUT on object stores, a hidden
+    temp file renamed into place on local disks (a leftover temp file from a killed run is removed by the next run)."""
     if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".srbatch-tmp-{uuid.uuid4().hex}")
+        parent = posixpath.dirname(path)
+        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the folder is made on first use only, not checked before every image
+            os.makedirs(parent, exist_ok=True)
+            f = open(tmp, "wb")
+        try:
+            with f:
                 f.write(data)
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
+        except BaseException:
+            try:
                 os.remove(tmp)
+            except OSError:
+                pass
+            raise
     else:  # object stores: one PUT; the object appears only when complete
         fs.pipe_file(path, data)
 

@@ -17,13 +17,12 @@ import pyarrow.compute as pc
 from srbatch.errors import ConfigError
 from srbatch.io.storage import filesystem, list_files, list_images
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import MANIFEST_DIR
+from srbatch.upscale.manifest import MANIFEST_DIR, TMP_PREFIX
 from srbatch.upscale.state import CONTROL_DIR
 
 __all__ = ["Task", "Plan", "input_root", "relative_key", "output_key", "fingerprint", "make_plan"]
 
 _EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif"}
-TMP_PREFIX = ".srbatch-tmp-"
 
 
 @dataclass(frozen=True)

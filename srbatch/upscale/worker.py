@@ -14,10 +14,7 @@ and the result table, built column by column.
 
 from __future__ import annotations
 
-import os
-import posixpath
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime, timezone
@@ -29,8 +26,7 @@ import pyarrow as pa
 from srbatch.errors import SrbatchError
 from srbatch.jobkit.actor import ModelActor, error_fields
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import SCHEMA
-from srbatch.upscale.plan import TMP_PREFIX
+from srbatch.upscale.manifest import SCHEMA, is_local, put_atomic
 
 __all__ = ["UpscaleWorker", "image_mode", "put_atomic"]
 
@@ -43,36 +39,6 @@ def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
     if alpha is not None:
         base += "A"
     return base + (";16" if pixels.dtype == np.uint16 else "")
-
-
-def put_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write ``data`` at ``path`` so that nothing half-written is ever visible: one PUT on object stores, a hidden
-    temp file renamed into place on local disks (a leftover temp file from a killed run is removed by the next run)."""
-    if _is_local(fs):
-        parent = posixpath.dirname(path)
-        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
-        try:
-            f = open(tmp, "wb")
-        except FileNotFoundError:  # the folder is made on first use only, not checked before every image
-            os.makedirs(parent, exist_ok=True)
-            f = open(tmp, "wb")
-        try:
-            with f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
-    else:
-        fs.pipe_file(path, data)
-
-
-def _is_local(fs: Any) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
 
 
 def _read_local(path: str) -> bytes:
@@ -140,7 +106,7 @@ class UpscaleWorker(ModelActor):
         order. Local files are read when asked for; remote ones are requested on the thread pool up to
         :attr:`window` images ahead, so they arrive while the model runs and a large batch never holds more."""
         fs = self._filesystem(uris)
-        if fs is not None and _is_local(fs):
+        if fs is not None and is_local(fs):
             return lambda i: self._read(uris[i], fs)
         futures: list[Future[tuple[bytes | BaseException, float]]] = []
 
@@ -159,7 +125,7 @@ class UpscaleWorker(ModelActor):
         try:
             if fs is None:
                 data = read_bytes(uri, self.so)
-            elif _is_local(fs):
+            elif is_local(fs):
                 data = _read_local(fs._strip_protocol(uri))
             else:
                 data = fs.cat_file(fs._strip_protocol(uri))
