@@ -11,18 +11,32 @@ import copy
 import dataclasses
 import logging
 import math
+import time
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from srbatch.errors import ConfigError, InferenceError
 from srbatch.inference.colorspace import GREY_WEIGHTS, from_model_space, model_channels, to_model_space
+from srbatch.inference.memory import available_memory, format_bytes, measure_peak, parse_bytes
+from srbatch.inference.regions import RegionPlan, plan_regions
 from srbatch.inference.tiling import TilingConfig, ceil_to, run_tiled
 from srbatch.io.images import DecodedImage
 from srbatch.metrics.resize import imresize
 from srbatch.models.descriptor import ModelDescriptor
 
-__all__ = ["GREY_WEIGHTS", "Upscaler"]
+__all__ = ["GREY_WEIGHTS", "RegionPlan", "Upscaler"]
+
+RegionReader = Callable[[int, int, int, int], np.ndarray]
+"""``read(y0, y1, x0, x1)`` -> the input pixels ``[y0:y1, x0:x1]`` as ``(h, w, C)`` uint8/uint16, alpha last."""
+
+PROBE_PIXELS = 1024 * 1024
+"""Images of at most this many input pixels are run whole without measuring the model (small enough for any budget
+the engine accepts); larger ones are planned from a measured estimate."""
+_PROBE_SIDES = (96, 192)
+_AUTO_SHARE = 0.5  # auto budget: this share of the memory available when the image is planned
 
 logger = logging.getLogger("srbatch.inference")
 
@@ -89,12 +103,17 @@ class Upscaler:
         self_ensemble: average the 8 flips/rotations of the input (EDSR+ style); 8x the compute.
         outscale: final output scale; when the result differs from ``scale x`` input size, the model output is
             resized with MATLAB bicubic ``imresize`` to ``round(H * outscale) x round(W * outscale)`` (half up).
+        max_memory: bytes (or a size such as ``"4GiB"``) one image may use beyond the process's baseline: its
+            held input and output arrays and the working set of its regions. None: half of the memory available
+            (``MemAvailable``, capped by the cgroup) when the image is planned. On CUDA the network's working set is
+            also fitted into 80% of the device's free memory. See :meth:`plan`.
 
     With float32 the descriptor's module is moved to ``device`` in place; with half precision a converted copy is
     used and the descriptor's module is left as it is (it is the source of the lazy fp32 fallback copy).
 
     ``stats`` counts ``images`` (upscale_tensor items), ``tiles`` (windows run), ``batches`` (forward passes),
-    ``oom_splits`` and ``fp32_fallbacks`` (half-precision batches redone in float32).
+    ``oom_splits``, ``fp32_fallbacks`` (half-precision batches redone in float32), ``regions`` (regions of
+    :meth:`upscale_image` / :meth:`iter_bands`) and ``probes`` (memory measurements of the model).
     """
 
     def __init__(
@@ -106,6 +125,7 @@ class Upscaler:
         tiling: TilingConfig | None = None,
         self_ensemble: bool = False,
         outscale: float | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         if outscale is not None and not (isinstance(outscale, (int, float)) and outscale > 0):
             raise ConfigError(f"outscale: expected a positive number or None; got {outscale!r}")
@@ -114,6 +134,10 @@ class Upscaler:
         self.tiling = tiling if tiling is not None else TilingConfig()
         self.self_ensemble = bool(self_ensemble)
         self.outscale = float(outscale) if outscale is not None else None
+        self.max_memory = parse_bytes(max_memory)
+        self.last_plan: RegionPlan | None = None
+        """The plan of the last image run by :meth:`upscale_image` or :meth:`iter_bands`."""
+        self._estimates: dict[tuple[int, bool, int], tuple[float, float]] = {}
         self._device = _resolve_device(device)
         want = _resolve_dtype(dtype)
         self._dtype = want
@@ -130,7 +154,9 @@ class Upscaler:
         self._module_fp32: torch.nn.Module | None = self.module if self._dtype == torch.float32 else None
         self._tile_cap: int | None = None  # lowered after an out-of-memory split, kept for later images
         self._batch_cap: int | None = None
-        self.stats: dict[str, int] = {"images": 0, "tiles": 0, "batches": 0, "oom_splits": 0, "fp32_fallbacks": 0}
+        self.stats: dict[str, int] = {
+            "images": 0, "tiles": 0, "batches": 0, "oom_splits": 0, "fp32_fallbacks": 0, "regions": 0, "probes": 0,
+        }  # fmt: skip
         logger.info(
             "upscaler: model %s (%s, x%d, %s) on %s as %s%s",
             descriptor.name or descriptor.architecture, descriptor.architecture, self.info.scale,
@@ -155,14 +181,21 @@ class Upscaler:
         """Output size / input size: ``outscale`` when given, else the model's scale."""
         return self.outscale if self.outscale is not None else float(self.info.scale)
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` of the output for an input of ``height x width``."""
+        if self.outscale is None:
+            return height * int(self.info.scale), width * int(self.info.scale)
+        return max(_round_half_up(height * self.outscale), 1), max(_round_half_up(width * self.outscale), 1)
+
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
+    def upscale_tensor(self, x: torch.Tensor, *, model_scale: bool = False) -> torch.Tensor:
         """Upscale ``(N, C, H, W)`` (or ``(C, H, W)``) floats in ``[0, 1]`` in the model's own channel space.
 
         ``C`` must equal the model's ``in_channels`` (no colour conversion happens here). Returns float32
-        ``(N, out_channels, H', W')`` on ``x``'s device, not clamped.
+        ``(N, out_channels, H', W')`` on ``x``'s device, not clamped. ``model_scale=True`` skips the final
+        ``outscale`` resize (the output is at the model's own scale).
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim not in (3, 4):
             raise ConfigError(
@@ -195,8 +228,8 @@ class Upscaler:
             out = total / 8
         else:
             out = self._run(x)
-        if self.outscale is not None:
-            target = (max(_round_half_up(h * self.outscale), 1), max(_round_half_up(w * self.outscale), 1))
+        if self.outscale is not None and not model_scale:
+            target = self.output_size(h, w)
             if tuple(out.shape[-2:]) != target:
                 out = imresize(out, output_shape=target)
         self.stats["images"] += int(x.shape[0])
@@ -232,25 +265,259 @@ class Upscaler:
 
         Values are clamped and rounded like MATLAB (``floor(x * max + 0.5)``). Alpha is resized with MATLAB bicubic
         ``imresize``, never through the network. Other fields (mode, format, ICC profile, info) are carried over.
+
+        Memory: the output is allocated once in its integer dtype and filled region by region (see :meth:`plan`);
+        when the image and its working set fit ``max_memory`` it is one region and the result is exactly the
+        untiled one. :attr:`last_plan` tells how it was cut.
         """
         pix = img.pixels
         if pix.dtype not in (np.uint8, np.uint16) or pix.ndim != 3 or pix.shape[2] not in (1, 3):
             raise ConfigError(
                 f"upscale_image expects pixels (H, W, 1|3) of uint8 or uint16; got {pix.dtype} {pix.shape}"
             )
-        out = self.upscale_array(pix)
+        if img.alpha is not None and img.alpha.shape != pix.shape[:2]:
+            raise ConfigError(f"alpha shape {img.alpha.shape} does not match pixels {pix.shape[:2]}")
+        h, w, c = pix.shape
+        has_alpha = img.alpha is not None
+        plan = self.plan(h, w, channels=c, has_alpha=has_alpha, itemsize=pix.itemsize, hold_input=True)
+        oh, ow = plan.out_height, plan.out_width
+        out = np.empty((oh, ow, c), pix.dtype)
+        out_alpha = np.empty((oh, ow), pix.dtype) if has_alpha else None
+        alpha_src = img.alpha
+
+        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            if alpha_src is None:
+                return pix[y0:y1, x0:x1]
+            return np.concatenate([pix[y0:y1, x0:x1], alpha_src[y0:y1, x0:x1, None].astype(pix.dtype)], axis=2)
+
+        for _ in self.iter_bands(read, plan, channels=c, has_alpha=has_alpha, dtype=pix.dtype,
+                                 out=(out, out_alpha)):  # fmt: skip
+            pass
+        return dataclasses.replace(img, pixels=out, alpha=out_alpha, info=dict(img.info))
+
+    # ------------------------------------------------------------------ large images
+
+    @property
+    def halo(self) -> int:
+        """Context (input pixels) around each region: the tile overlap (or the model's receptive halo) plus 4 for
+        the bicubic steps (pre-upsampling, chroma, alpha) and the inner tiles' cross-fade."""
+        cfg = self.tiling
+        base = cfg.overlap if cfg.overlap is not None else int(self.info.receptive_halo)
+        return ceil_to(base + 4 + math.ceil(cfg.blend / 2), max(int(self.info.size_multiple), 1))
+
+    def budget(self) -> int:
+        """Host bytes one image may use now: ``max_memory``, or half of the memory available."""
+        if self.max_memory is not None:
+            return self.max_memory
+        return int(available_memory() * _AUTO_SHARE)
+
+    def _device_budget(self) -> int | None:
+        if self._device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self._device)
+        return int(free * 0.8)
+
+    def plan(
+        self, height: int, width: int, *, channels: int = 3, has_alpha: bool = False, itemsize: int = 1,
+        hold_input: bool = False, hold_output: bool = True,
+    ) -> RegionPlan:
+        """How an image of ``height x width`` is cut into regions under the memory budget.
+
+        ``hold_input``/``hold_output``: the whole input / output array stays in memory (decoded images; array
+        outputs) and counts against the budget; otherwise only a band of output rows is held (streamed writers).
+        The working set of a region comes from measuring this upscaler on two small probe regions (once per
+        channel layout), so it holds for any architecture. Images of up to :data:`PROBE_PIXELS` are run whole
+        without measuring. Raises :class:`InferenceError` when not even a small region fits.
+        """
+        oh, ow = self.output_size(height, width)
+        ct = channels + int(has_alpha)
+        m = max(int(self.info.size_multiple), 1)
+        integer = None if self.outscale is not None else int(self.info.scale)
+        held = (height * width * ct * itemsize if hold_input else 0) + (oh * ow * ct * itemsize if hold_output else 0)
+        if height * width <= PROBE_PIXELS:
+            plan = plan_regions(height=height, width=width, out_height=oh, out_width=ow, halo=self.halo, multiple=m,
+                                integer_scale=integer, fits=lambda _h, _w: None, budget=None)  # fmt: skip
+            self.last_plan = plan
+            return plan
+        budget = self.budget()
+        dev_budget = self._device_budget()
+        a, b = self._estimate(channels, has_alpha, itemsize)
+        halo = self.halo
+        ry, rx = oh / height, ow / width
+
+        def fits(core_h: int, core_w: int) -> int | None:
+            px = min(height, core_h + 2 * halo) * min(width, core_w + 2 * halo)
+            band = 0 if hold_output else math.ceil(core_h * ry) * ow * ct * itemsize
+            work = a + b * px
+            if dev_budget is not None:  # the network's working set is on the device; the host holds uint arrays
+                if work > dev_budget:
+                    return None
+                work = px * ct * itemsize + math.ceil(core_h * ry) * math.ceil(core_w * rx) * ct * itemsize * 2
+            total = int(held + band + work)
+            return total if total <= budget else None
+
+        plan = plan_regions(height=height, width=width, out_height=oh, out_width=ow, halo=halo, multiple=m,
+                            integer_scale=integer, fits=fits, budget=budget)  # fmt: skip
+        self.last_plan = plan
+        if plan.tiled:
+            logger.info(
+                "%dx%d image: %d regions of up to %s input pixels (budget %s, estimated peak %s)", width, height,
+                plan.regions, "x".join(map(str, plan.tile or ())), format_bytes(budget),
+                format_bytes(plan.estimate or 0),
+            )  # fmt: skip
+        return plan
+
+    def _estimate(self, channels: int, has_alpha: bool, itemsize: int) -> tuple[float, float]:
+        """``(a, b)``: a region window of ``p`` input pixels peaks at about ``a + b * p`` bytes (device memory on
+        CUDA, process memory on CPU), measured on two probe regions and padded by 25% + 16 MiB."""
+        key = (channels, has_alpha, itemsize)
+        if key in self._estimates:
+            return self._estimates[key]
+        dtype = np.uint8 if itemsize == 1 else np.uint16
+        rng = np.random.default_rng(0)
+        m = max(int(self.info.size_multiple), 1)
+        points = []
+        for side in _PROBE_SIDES:
+            side = ceil_to(side, m)
+            crop = rng.integers(0, np.iinfo(dtype).max, (side, side, channels + int(has_alpha)), dtype=dtype)
+            geom = (0, 0, 0, side, 0, side)
+            oh, ow = self.output_size(side, side)
+            peak = measure_peak(
+                lambda crop=crop, geom=geom, oh=oh, ow=ow: self._region(
+                    crop, geom, (0, oh, 0, ow), None, channels=channels, has_alpha=has_alpha, dtype=dtype),
+                self._device,
+            )  # fmt: skip
+            points.append((side * side, peak))
+        self.stats["probes"] += 1
+        if any(p is None for _, p in points):  # cannot measure (not Linux): a generous static guess per pixel
+            s2 = float(self.scale) ** 2
+            b = 4.0 * (channels + 1) * (8 + 8 * s2) + 4096.0
+            est = (64.0 * 1024**2, b)
+        else:
+            (p1, m1), (p2, m2) = points
+            b = max((m2 - m1) / (p2 - p1), m2 / p2, 1.0)  # type: ignore[operator]
+            a = max(m1 - b * p1, 0.0)  # type: ignore[operator]
+            est = (a * 1.25 + 16 * 1024**2, b * 1.25)
+        logger.info("memory per region: %s + %.0f bytes per input pixel (measured on %s)",
+                    format_bytes(est[0]), est[1], self._device)  # fmt: skip
+        self._estimates[key] = est
+        return est
+
+    def iter_bands(
+        self, read: RegionReader, plan: RegionPlan, *, channels: int, has_alpha: bool, dtype: np.dtype | type,
+        out: tuple[np.ndarray, np.ndarray | None] | None = None, name: str = "",
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """Run ``plan`` over the input ``read`` gives, one row of regions at a time.
+
+        Yields ``(first output row, pixels band (rows, W', C), alpha band (rows, W') or None)`` in row order, of
+        ``dtype``. With ``out`` (preallocated output pixels and alpha), bands are views of it, filled in place;
+        otherwise each band is a new array (for streamed writers). Long images log their progress every 10 s.
+        """
+        self.last_plan = plan
+        dt = np.dtype(dtype)
+        ow = plan.out_width
+        start = last_log = time.monotonic()
+        for i, ((y0, y1), (a, b)) in enumerate(zip(plan.rows, plan.out_rows)):
+            if out is not None:
+                band, band_alpha = out[0][a:b], (out[1][a:b] if out[1] is not None else None)
+            else:
+                band = np.empty((b - a, ow, channels), dt)
+                band_alpha = np.empty((b - a, ow), dt) if has_alpha else None
+            for (x0, x1), (c, d) in zip(plan.cols, plan.out_cols):
+                need_y, need_x = self._needed(plan, a, b, c, d)
+                wy0, wy1 = plan.window(y0, y1, plan.height, need_y)
+                wx0, wx1 = plan.window(x0, x1, plan.width, need_x)
+                crop = read(wy0, wy1, wx0, wx1)
+                self._region(crop, (wy0, wx0, y0, y1, x0, x1), (a, b, c, d), plan, channels=channels,
+                             has_alpha=has_alpha, dtype=dt, dest=(band[:, c:d], None if band_alpha is None else
+                                                                  band_alpha[:, c:d]))  # fmt: skip
+                del crop
+                self.stats["regions"] += 1
+            now = time.monotonic()
+            if plan.tiled and now - last_log >= 10:
+                last_log = now
+                logger.info("%s: %d of %d rows of regions done (%.0f%%, %.0f s)", name or "image", i + 1,
+                            len(plan.rows), 100 * b / plan.out_height, now - start)  # fmt: skip
+            yield a, band, band_alpha
+
+    def _resize_bands(self, plan: RegionPlan, upscaled: bool) -> tuple[tuple, tuple]:
+        """Banded MATLAB weights of the final resize per axis: from the model's output (``upscaled``) or from the
+        input (alpha) to the output size."""
+        from srbatch.metrics.resize import banded_weights
+
+        s = int(self.info.scale) if upscaled else 1
+        hy, wx = plan.height * s, plan.width * s
+        return (banded_weights(hy, plan.out_height, plan.out_height / hy, True),
+                banded_weights(wx, plan.out_width, plan.out_width / wx, True))  # fmt: skip
+
+    def _needed(
+        self, plan: RegionPlan, a: int, b: int, c: int, d: int
+    ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """Input ranges the final resize of output rows [a, b) and columns [c, d) reads (outscale only)."""
+        if self.outscale is None or not plan.tiled:
+            return None, None
+        s = int(self.info.scale)
+        (iy, _), (ix, _) = self._resize_bands(plan, True)
+        ya, yb = int(iy[a:b].min()), int(iy[a:b].max()) + 1
+        xa, xb = int(ix[c:d].min()), int(ix[c:d].max()) + 1
+        return (ya // s, -(-yb // s)), (xa // s, -(-xb // s))
+
+    @torch.no_grad()
+    def _region(
+        self, crop: np.ndarray, geom: tuple[int, int, int, int, int, int], out_box: tuple[int, int, int, int],
+        plan: RegionPlan | None, *, channels: int, has_alpha: bool, dtype: np.dtype | type,
+        dest: tuple[np.ndarray, np.ndarray | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One region: ``crop`` is the window (input pixels, alpha last) whose top-left input pixel is
+        ``geom[:2]``; ``geom[2:]`` the core (y0, y1, x0, x1); ``out_box`` the output rows and columns (a, b, c, d)
+        it makes. Writes the quantised core output into ``dest`` (or returns it)."""
+        wy0, wx0, y0, y1, x0, x1 = geom
+        a, b, c, d = out_box
+        dt = np.dtype(dtype)
+        maxv = float(np.iinfo(dt).max)
+        whole = plan is None or not plan.tiled
+        x = torch.from_numpy(np.ascontiguousarray(crop[..., :channels])).to(self._device)
+        x = x.permute(2, 0, 1)[None].to(torch.float32).div_(maxv)
+        if self.outscale is None or whole:
+            y = self._upscale_colour(x)
+            if not whole:
+                s = int(self.info.scale)
+                y = y[..., (y0 - wy0) * s : (y1 - wy0) * s, (x0 - wx0) * s : (x1 - wx0) * s]
+        else:  # model scale, then the exact rows/columns of the final MATLAB resize this core produces
+            from srbatch.metrics.resize import resize_axis
+
+            assert plan is not None
+            s = int(self.info.scale)
+            y = self._upscale_colour(x, model_scale=True)
+            (iy, wy), (ix, wx) = self._resize_bands(plan, True)
+            y = resize_axis(y, -2, iy[a:b].to(y.device), wy[a:b], offset=wy0 * s)
+            y = resize_axis(y, -1, ix[c:d].to(y.device), wx[c:d], offset=wx0 * s)
+        del x
+        pix = _quantize_tensor(y[0], dt)
+        del y
         alpha = None
-        if img.alpha is not None:
-            if img.alpha.shape != pix.shape[:2]:
-                raise ConfigError(f"alpha shape {img.alpha.shape} does not match pixels {pix.shape[:2]}")
-            with torch.no_grad():
-                a = self._resize_plane(_to_unit_float(img.alpha), out.shape[:2]).cpu().numpy()
-            alpha = _quantize(a, img.alpha.dtype)
-        return dataclasses.replace(img, pixels=_quantize(out, pix.dtype), alpha=alpha, info=dict(img.info))
+        if has_alpha:
+            plane = torch.from_numpy(np.ascontiguousarray(crop[..., channels])).to(self._device)
+            plane = plane.to(torch.float32).div_(maxv)
+            if whole:
+                ar = imresize(plane, output_shape=(b - a, d - c))
+            else:
+                from srbatch.metrics.resize import resize_axis
+
+                assert plan is not None
+                (iy, wy), (ix, wx) = self._resize_bands(plan, False)
+                ar = resize_axis(plane.double(), -2, iy[a:b].to(plane.device), wy[a:b], offset=wy0)
+                ar = resize_axis(ar, -1, ix[c:d].to(plane.device), wx[c:d], offset=wx0).float()
+            alpha = _quantize_tensor(ar.clamp_(0, 1)[None], dt)[..., 0]
+        if dest is not None:
+            dest[0][...] = pix
+            if alpha is not None and dest[1] is not None:
+                dest[1][...] = alpha
+        return pix, alpha
 
     # ------------------------------------------------------------------ colour handling
 
-    def _upscale_colour(self, x: torch.Tensor) -> torch.Tensor:
+    def _upscale_colour(self, x: torch.Tensor, *, model_scale: bool = False) -> torch.Tensor:
         """(1, 1|3, H, W) grey or RGB in [0, 1] -> same channels upscaled, via the model's colour space."""
         cs = self.info.color_space
         expected = model_channels(cs)
@@ -259,7 +526,8 @@ class Upscaler:
                 f"a {cs} model should take and return {expected} channels; this one has in={self.info.in_channels},"
                 f" out={self.info.out_channels}; use upscale_tensor for models outside the RGB/Y/YCbCr/L conventions"
             )
-        return from_model_space(self.upscale_tensor(to_model_space(x, cs)), cs, source=x)
+        y = self.upscale_tensor(to_model_space(x, cs), model_scale=model_scale)
+        return from_model_space(y, cs, source=x)
 
     def _resize_plane(self, plane: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32)).to(self._device)
@@ -384,6 +652,14 @@ def _to_unit_float(a: np.ndarray) -> np.ndarray:
     if a.dtype in (np.float32, np.float64, np.float16):
         return a.astype(np.float32, copy=False)
     raise ConfigError(f"expected uint8, uint16 or float pixels in [0, 1]; got {a.dtype}")
+
+
+def _quantize_tensor(y: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """``(C, H, W)`` floats in [0, 1] -> ``(H, W, C)`` uint8/uint16 numpy, as :func:`_quantize` (float64 rounding)."""
+    maxv = float(np.iinfo(dtype).max)
+    q = y.to(torch.float64).clamp_(0.0, 1.0).mul_(maxv).add_(0.5).floor_()
+    q = q.to(torch.uint8 if dtype == np.uint8 else torch.int32)
+    return q.permute(1, 2, 0).cpu().numpy().astype(dtype, copy=False)
 
 
 def _quantize(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
