@@ -104,8 +104,8 @@ class Upscaler:
         outscale: final output scale; when the result differs from ``scale x`` input size, the model output is
             resized with MATLAB bicubic ``imresize`` to ``round(H * outscale) x round(W * outscale)`` (half up).
         max_memory: bytes (or a size such as ``"4GiB"``) one image may use beyond the process's baseline: its
-            held input and output arrays and the working set of its regions. None: half of the memory available
-            (``MemAvailable``, capped by the cgroup) when the image is planned. On CUDA the network's working set is
+            held input and output arrays and the working set of its regions. None: ``memory_share`` (default half)
+            of the memory available (``MemAvailable``, capped by the cgroup) when the image is planned. On CUDA the network's working set is
             also fitted into 80% of the device's free memory. See :meth:`plan`.
 
     With float32 the descriptor's module is moved to ``device`` in place; with half precision a converted copy is
@@ -126,6 +126,7 @@ class Upscaler:
         self_ensemble: bool = False,
         outscale: float | None = None,
         max_memory: int | str | None = None,
+        memory_share: float = _AUTO_SHARE,
     ) -> None:
         if outscale is not None and not (isinstance(outscale, (int, float)) and outscale > 0):
             raise ConfigError(f"outscale: expected a positive number or None; got {outscale!r}")
@@ -135,6 +136,9 @@ class Upscaler:
         self.self_ensemble = bool(self_ensemble)
         self.outscale = float(outscale) if outscale is not None else None
         self.max_memory = parse_bytes(max_memory)
+        if not 0 < memory_share <= 1:
+            raise ConfigError(f"memory_share: expected a fraction in (0, 1]; got {memory_share!r}")
+        self.memory_share = float(memory_share)
         self.last_plan: RegionPlan | None = None
         """The plan of the last image run by :meth:`upscale_image` or :meth:`iter_bands`."""
         self._estimates: dict[tuple[int, bool, int], tuple[float, float]] = {}
@@ -306,10 +310,10 @@ class Upscaler:
         return ceil_to(base + 4 + math.ceil(cfg.blend / 2), max(int(self.info.size_multiple), 1))
 
     def budget(self) -> int:
-        """Host bytes one image may use now: ``max_memory``, or half of the memory available."""
+        """Host bytes one image may use now: ``max_memory``, or ``memory_share`` of the memory available."""
         if self.max_memory is not None:
             return self.max_memory
-        return int(available_memory() * _AUTO_SHARE)
+        return int(available_memory() * self.memory_share)
 
     def _device_budget(self) -> int | None:
         if self._device.type != "cuda":

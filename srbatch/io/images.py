@@ -106,7 +106,8 @@ def _open_header(data: bytes) -> Image.Image:
 def _too_large(name: str, size: str, max_pixels: int, extra: str = "") -> ImageTooLargeError:
     return ImageTooLargeError(
         f"{name}: declares {size}, above the limit of {max_pixels:,} pixels (a guard against decompression bombs); "
-        f"if the image is genuine, pass a larger max_pixels to decode_image{extra}"
+        "this format is decoded whole, in memory; if the image is genuine, raise the limit (--max-pixels in the "
+        f"upscale job, max_pixels= of decode_image){extra}, or store it as a tiled TIFF, which is read tile by tile"
     )
 
 

@@ -64,6 +64,8 @@ class ModelActor:
         torch_threads: int | None = None,
         io_threads: int = 4,
         label: str | None = None,
+        max_memory: int | None = None,
+        memory_share: float = 0.5,
     ) -> None:
         """Load ``spec`` once, build the :class:`~srbatch.inference.Upscaler` on the actor's device (``auto``: CUDA
         when torch sees a GPU) with ``tiling`` (a ``TilingConfig``, or a function of the loaded model's descriptor
@@ -81,7 +83,8 @@ class ModelActor:
         self.desc = load_model(spec, scale=scale, sha256=sha256, storage_options=storage_options)
         if callable(tiling):
             tiling = tiling(self.desc)
-        self.up = Upscaler(self.desc, device=device, dtype=dtype, tiling=tiling, outscale=outscale)
+        self.up = Upscaler(self.desc, device=device, dtype=dtype, tiling=tiling, outscale=outscale,
+                           max_memory=max_memory, memory_share=memory_share)
         self.device = str(self.up.device)
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"srbatch-{self.job}-io")
         name = label or self.desc.name or self.desc.architecture

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from srbatch.errors import ConfigError
 
@@ -75,7 +75,29 @@ class ActorPoolConfig(JobConfig):
         None, ge=1, description="torch threads per CPU actor; unset: the cluster's CPUs divided by the actors"
     )
     batch_size: int = Field(4, ge=1, description="images handed to an actor per call")
+    max_memory: str | None = Field(
+        None,
+        description="memory one image may take in an actor beyond the loaded model (e.g. 4GiB, 512MB); larger images "
+        "are run in regions that fit and streamed to PNG/TIFF; unset: half of the memory the node has available, "
+        "shared among the actors on it",
+    )
     progress: bool = Field(True, description="show a progress bar on stderr")
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, v: Any) -> str | None:
+        from srbatch.inference.memory import parse_bytes
+
+        if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
+            return None
+        parse_bytes(v, field="max_memory")  # raises with the accepted forms
+        return str(v).strip()
+
+    def max_memory_bytes(self) -> int | None:
+        """``max_memory`` in bytes (None: automatic)."""
+        from srbatch.inference.memory import parse_bytes
+
+        return parse_bytes(self.max_memory)
 
     @model_validator(mode="after")
     def _check_pool(self) -> ActorPoolConfig:

@@ -91,7 +91,8 @@ def run_actor_pool(
         blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
         ds = ray.data.from_arrow(blocks).map_batches(
             actor,
-            fn_constructor_kwargs={**actor_kwargs, "torch_threads": resources.torch_threads},
+            fn_constructor_kwargs={**actor_kwargs, "torch_threads": resources.torch_threads,
+                                   "memory_share": resources.memory_share},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(min_size=resources.actors, max_size=resources.max_actors),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,13 @@ class ActorResources:
     gpus_per_actor: float
     cpus_per_actor: float
     torch_threads: int | None
+    actors_per_node: int = 1
+    """Most actors one node runs (the pool's maximum spread over the cluster's nodes): they share its memory."""
+
+    @property
+    def memory_share(self) -> float:
+        """Share of a node's available memory one actor's image may take when ``max_memory`` is unset."""
+        return 0.5 / max(self.actors_per_node, 1)
 
     def remote_args(self) -> dict[str, Any]:
         """The Ray resource arguments of one actor (``num_cpus``, and ``num_gpus`` when it reserves GPUs)."""
@@ -57,5 +65,7 @@ def plan_actors(cfg: ActorPoolConfig, cluster: Mapping[str, float]) -> ActorReso
         actors = cfg.actors or 1
         cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else 1.0
         threads = cfg.torch_threads or max(1, int(cpus // actors))
-    return ActorResources(actors=actors, max_actors=max(cfg.max_actors or actors, actors), gpus_per_actor=gpa,
-                          cpus_per_actor=cpa, torch_threads=threads)  # fmt: skip
+    nodes = max(sum(1 for k in cluster if k.startswith("node:") and not k.startswith("node:__")), 1)
+    most = max(cfg.max_actors or actors, actors)
+    return ActorResources(actors=actors, max_actors=most, gpus_per_actor=gpa, cpus_per_actor=cpa,
+                          torch_threads=threads, actors_per_node=math.ceil(most / nodes))  # fmt: skip

@@ -34,6 +34,10 @@ class ArchInfo:
     """Pixels of context (in input pixels) needed so that tiling matches untiled output; used as the tile overlap."""
     tile_hint: int | None = None
     """A tile size (input pixels) that keeps memory modest; None when the model is cheap enough to never tile."""
+    local: bool | None = True
+    """True when every output pixel depends only on inputs within ``receptive_halo`` (so tiles with that context
+    reproduce the untiled output up to float rounding); False when the model pools over the whole image (IMDN's
+    channel attention); None when unknown (spandrel models)."""
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -55,6 +55,7 @@ def try_spandrel(state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, str
         receptive_halo=32,
         tile_hint=tile_hint,
         dtypes=tuple(dtypes),
+        local=None,  # spandrel does not say whether an architecture pools over the whole image
     )
     return SpandrelModule(desc), f"spandrel:{desc.architecture.id}", info
 

@@ -68,6 +68,12 @@ class UpscaleConfig(ActorPoolConfig):
         "deletes outputs)",
     )
     batch_size: int = Field(32, ge=1, description="images handed to an actor per call")
+    max_pixels: int = Field(
+        2**27,
+        ge=1,
+        description="refuse images declaring more pixels than this before decoding them (a guard against "
+        "decompression bombs); TIFFs above 64 Mpx are read tile by tile and not subject to it",
+    )
     run_id: str = Field(default_factory=default_run_id, description="run id recorded in the manifest [UTC time]")
     manifest_flush_seconds: float = Field(
         30.0, gt=0, description="write the manifest rows gathered so far at least this often"

@@ -67,6 +67,9 @@ SCHEMA = pa.schema(
         pa.field("ssim_y", pa.float64()),
         pa.field("psnr_rgb", pa.float64()),
         pa.field("ssim_rgb", pa.float64()),
+        pa.field("tile_height", pa.int32()),
+        pa.field("tile_width", pa.int32()),
+        pa.field("tile_exact", pa.bool_()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
@@ -135,6 +138,36 @@ def put_atomic(fs: Any, path: str, data: bytes) -> None:
             raise
     else:  # object stores: one PUT; the object appears only when complete
         fs.pipe_file(path, data)
+
+
+def put_file_atomic(fs: Any, path: str, write: Callable[[Any], None]) -> int:
+    """Like :func:`put_atomic` for outputs too large to hold as bytes: ``write(fh)`` writes a local temp file (in the
+    destination folder on local disks, renamed into place; in the system temp folder for object stores, then
+    uploaded with ``put_file``, a multipart upload that appears only when complete). Returns the file's size."""
+    import tempfile
+
+    local = is_local(fs)
+    if local:
+        parent = posixpath.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX)
+        os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        size = os.path.getsize(tmp)
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+        return size
+    finally:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
 
 
 def is_local(fs: Any) -> bool:

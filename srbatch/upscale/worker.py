@@ -26,11 +26,39 @@ import pyarrow as pa
 from srbatch.errors import SrbatchError
 from srbatch.jobkit.actor import ModelActor, error_fields
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.manifest import SCHEMA, is_local, put_atomic
+from srbatch.upscale.manifest import SCHEMA, is_local, put_atomic, put_file_atomic
 
-__all__ = ["UpscaleWorker", "image_mode", "put_atomic"]
+__all__ = ["STREAM_INPUT_PIXELS", "STREAM_OUTPUT_BYTES", "UpscaleWorker", "image_mode", "put_atomic"]
 
 _STAGES = ("read_s", "decode_s", "infer_s", "encode_s", "write_s")
+
+STREAM_OUTPUT_BYTES = 64 * 1024**2
+"""PNG and TIFF outputs larger than this (as uint8/uint16 samples) are written band by band while the model runs,
+never held whole: PNG as one streamed zlib stream, TIFF as a tiled, deflate-compressed BigTIFF."""
+STREAM_INPUT_PIXELS = 64 * 1024**2
+"""TIFF inputs with more pixels than this are read region by region (tile by tile), never decoded whole; they are
+not subject to the decompression-bomb limit, which guards formats that must be decoded whole."""
+_TIFF_EXT = (".tif", ".tiff", ".btf", ".tf8")
+
+
+class _Whole:
+    """A decoded image whose output is streamed: upscaled band by band by :meth:`UpscaleWorker._stream`."""
+
+    def __init__(self, img: Any) -> None:
+        self.img = img
+
+
+class _StreamedTiff:
+    """A large TIFF input opened for region reads (its file stays open until the image is done)."""
+
+    def __init__(self, source: Any, fh: Any, size: int) -> None:
+        self.source, self.fh, self.size = source, fh, size
+
+    def close(self) -> None:
+        try:
+            self.source.close()
+        finally:
+            self.fh.close()
 
 
 def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
@@ -57,7 +85,9 @@ class UpscaleWorker(ModelActor):
 
     job = "upscale"
 
-    def __init__(self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None, memory_share: float = 0.5
+    ) -> None:
         from srbatch.inference import TilingConfig
 
         self.cfg = UpscaleConfig.model_validate(config)
@@ -71,7 +101,8 @@ class UpscaleWorker(ModelActor):
 
         self._start_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so,
                           device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
-                          torch_threads=torch_threads, io_threads=self.cfg.io_threads)  # fmt: skip
+                          torch_threads=torch_threads, io_threads=self.cfg.io_threads,
+                          max_memory=self.cfg.max_memory_bytes(), memory_share=memory_share)  # fmt: skip
         self.ref_up = None
         self.window = 2 * self.cfg.io_threads
         """Remote reads requested ahead, and upscaled images waiting for their upload, at most (memory bound)."""
@@ -80,6 +111,7 @@ class UpscaleWorker(ModelActor):
             "scale": self.up.scale, "dtype": str(self.up.dtype).removeprefix("torch."), "device": self.device,
             "gpu_ids": ",".join(self.gpu_ids) or None, "actor_id": self.actor_id, "fingerprint": self.fingerprint,
         }  # fmt: skip
+        self._local = self.desc.info.local
 
     # -------------------------------------------------------------- I/O
 
@@ -123,6 +155,10 @@ class UpscaleWorker(ModelActor):
 
         t0 = time.perf_counter()
         try:
+            if uri.lower().endswith(_TIFF_EXT):
+                big = self._open_large_tiff(uri, fs)
+                if big is not None:
+                    return big, time.perf_counter() - t0
             if fs is None:
                 data = read_bytes(uri, self.so)
             elif is_local(fs):
@@ -140,6 +176,33 @@ class UpscaleWorker(ModelActor):
             return err, time.perf_counter() - t0
         except BaseException as e:  # noqa: BLE001 - raised again by the caller
             return e, time.perf_counter() - t0
+
+    def _open_large_tiff(self, uri: str, fs: Any) -> _StreamedTiff | None:
+        """A TIFF with more than :data:`STREAM_INPUT_PIXELS` pixels opened for region reads; None for anything else
+        (smaller TIFFs, and files that are not TIFF or whose header is broken: the whole-file path reports them)."""
+        from srbatch.errors import ImageDecodeError
+        from srbatch.io.storage import filesystem
+        from srbatch.io.tiff import TiffSource
+
+        if fs is None:
+            fs, path = filesystem(uri, self.so)
+        else:
+            path = fs._strip_protocol(uri)
+        fh = open(path, "rb") if is_local(fs) else fs.open(path, "rb", block_size=4 * 1024**2, cache_type="bytes")
+        try:
+            source = TiffSource(fh, name=uri)
+        except ImageDecodeError:
+            fh.close()
+            return None
+        except BaseException:
+            fh.close()
+            raise
+        if source.height * source.width <= STREAM_INPUT_PIXELS:
+            source.close()
+            fh.close()
+            return None
+        size = int(fs.size(path) or 0)
+        return _StreamedTiff(source, fh, size)
 
     def _write(self, uri: str, data: bytes, fs: Any) -> float:
         from srbatch.errors import StorageError
@@ -161,19 +224,120 @@ class UpscaleWorker(ModelActor):
     # -------------------------------------------------------------- one image
 
     def _process(self, uri: str, data: bytes, row: dict[str, Any]) -> Any:
-        """Decode and upscale one image (and audit it with ``--reference self``); returns the upscaled image."""
+        """Decode and upscale one image (and audit it with ``--reference self``); returns the upscaled image, or the
+        decoded one when its output is streamed (:meth:`_stream`, which upscales while it encodes)."""
         from srbatch.io.images import decode_image
 
         t = time.perf_counter()
-        img = decode_image(data, name=uri)
+        img = decode_image(data, name=uri, max_pixels=self.cfg.max_pixels)
         row.update(input_width=img.width, input_height=img.height, input_mode=img.mode)
         row["decode_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        if self._streams(img.height, img.width, img.channels + (img.alpha is not None), img.pixels.itemsize):
+            if self.cfg.reference == "self":
+                row.update(self._audit(img))
+            row["infer_s"] = time.perf_counter() - t
+            return _Whole(img)
         out = self.up.upscale_image(img)
+        self._record_plan(row)
         if self.cfg.reference == "self":
             row.update(self._audit(img))
         row["infer_s"] = time.perf_counter() - t
         return out
+
+    def _streams(self, height: int, width: int, channels: int, itemsize: int) -> bool:
+        """True when the output goes band by band to a streamed PNG/TIFF writer instead of a whole array."""
+        oh, ow = self.up.output_size(height, width)
+        return self.cfg.format in ("PNG", "TIFF") and oh * ow * channels * itemsize > STREAM_OUTPUT_BYTES
+
+    def _record_plan(self, row: dict[str, Any]) -> None:
+        plan = self.up.last_plan
+        tile = plan.tile if plan is not None else None
+        if tile is not None:
+            row.update(tile_height=tile[0], tile_width=tile[1], tile_exact=self._local)
+
+    def _stream(self, src: Any, uri: str, out_uri: str, row: dict[str, Any], fs: Any) -> None:
+        """Upscale ``src`` (a decoded image, or a large TIFF read region by region) and write the output band by
+        band to ``out_uri`` (PNG or tiled BigTIFF), never holding the whole output: infer, encode and upload."""
+        if isinstance(src, _StreamedTiff):
+            s = src.source
+            h, w, c, has_alpha, dtype = s.height, s.width, s.channels, bool(s.has_alpha), np.dtype(s.dtype)
+            icc, read, held = s.icc_profile, s.read_region, False
+            row.update(input_width=w, input_height=h, input_bytes=src.size,
+                       input_mode=image_mode(np.empty((0, 0, c), dtype), np.empty(0) if has_alpha else None))
+        else:
+            img = src.img
+            pix, al = img.pixels, img.alpha
+            h, w, c, has_alpha, dtype, icc, held = img.height, img.width, img.channels, al is not None, pix.dtype, \
+                img.icc_profile, True
+
+            def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                if al is None:
+                    return pix[y0:y1, x0:x1]
+                return np.concatenate([pix[y0:y1, x0:x1], al[y0:y1, x0:x1, None]], axis=2)
+
+        t0 = time.perf_counter()
+        plan = self.up.plan(h, w, channels=c, has_alpha=has_alpha, itemsize=dtype.itemsize, hold_input=held,
+                            hold_output=False)  # fmt: skip
+        self._record_plan(row)
+        oh, ow = plan.out_height, plan.out_width
+        timing = {"infer": time.perf_counter() - t0}
+
+        def bands() -> Any:
+            it = self.up.iter_bands(read, plan, channels=c, has_alpha=has_alpha, dtype=dtype, name=uri)
+            while True:
+                t = time.perf_counter()
+                try:
+                    _, band, band_alpha = next(it)
+                except StopIteration:
+                    return
+                timing["infer"] += time.perf_counter() - t
+                yield band if band_alpha is None else np.concatenate([band, band_alpha[..., None]], axis=2)
+
+        fmt = self.cfg.format
+
+        def write(fh: Any) -> None:
+            if fmt == "PNG":
+                from srbatch.io.pngstream import write_png_stream
+
+                write_png_stream(fh, bands(), height=oh, width=ow, channels=c, dtype=dtype, has_alpha=has_alpha,
+                                 icc_profile=icc)  # fmt: skip
+            else:
+                from srbatch.io.tiff import write_tiled_tiff
+
+                write_tiled_tiff(fh, bands(), height=oh, width=ow, channels=c, dtype=dtype, has_alpha=has_alpha,
+                                 icc_profile=icc)  # fmt: skip
+
+        from srbatch.io.storage import filesystem
+
+        if fs is None:
+            fs, path = filesystem(out_uri, self.so)
+        else:
+            path = fs._strip_protocol(out_uri)
+        def timed_write(fh: Any) -> None:
+            t = time.perf_counter()
+            write(fh)
+            timing["write"] = time.perf_counter() - t
+
+        infer_before = timing["infer"]
+        t = time.perf_counter()
+        try:
+            size = put_file_atomic(fs, path, timed_write)
+        except SrbatchError:
+            raise
+        except Exception as e:
+            from srbatch.errors import StorageError
+
+            raise StorageError(f"could not write {out_uri}: {type(e).__name__}: {e}") from e
+        finally:
+            if isinstance(src, _StreamedTiff):
+                src.close()
+        total = time.perf_counter() - t
+        row["infer_s"] = (row.get("infer_s") or 0.0) + timing["infer"]
+        row["encode_s"] = max(timing["write"] - (timing["infer"] - infer_before), 0.0)  # the writer, less the model
+        row["write_s"] = max(total - timing["write"], 0.0)  # rename, or the upload
+        row.update(output_width=ow, output_height=oh, output_bytes=size,
+                   output_mode=image_mode(np.empty((0, 0, c), dtype), np.empty(0) if has_alpha else None))
 
     def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
         """Encode and upload one result on the I/O pool, overlapping the next image's inference."""
@@ -238,11 +402,25 @@ class UpscaleWorker(ModelActor):
             try:
                 if isinstance(data, BaseException):
                     raise data
-                row["input_bytes"] = len(data)
-                out = self._process(uri, data, row)
-                uploads[i] = self.pool.submit(self._encode_and_write, out, out_uri, row, out_fs)
+                if isinstance(data, _StreamedTiff):  # a huge TIFF: read region by region, written band by band
+                    out: Any = data
+                else:
+                    row["input_bytes"] = len(data)
+                    out = self._process(uri, data, row)
+                if isinstance(out, (_StreamedTiff, _Whole)):
+                    for k in range(waited, i):  # one large image at a time: the uploads before it finish first
+                        if uploads[k] is not None:
+                            uploads[k].exception()
+                    self._stream(out, uri, out_uri, row, out_fs)
+                    row["status"] = "ok"
+                else:
+                    uploads[i] = self.pool.submit(self._encode_and_write, out, out_uri, row, out_fs)
+                    if out.pixels.nbytes > STREAM_OUTPUT_BYTES:  # a large JPEG/WebP: encoded before the next
+                        uploads[i].exception()
                 del out
             except Exception as e:  # noqa: BLE001 - one broken image is one failed row
+                if isinstance(data, _StreamedTiff):
+                    data.close()
                 row.update(error_fields(e), output_uri=None)
         for row, fut in zip(rows, uploads):
             self._settle(row, fut)

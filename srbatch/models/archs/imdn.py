@@ -134,6 +134,7 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
         # Contrast-aware channel attention pools over the whole input, so tiles cannot reproduce the untiled
         # output exactly with trained weights: run whole images by default (the engine still splits on OOM).
         tile_hint=None,
+        local=False,
     )
 
 
