@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "handoff": "srbatch.benchmark.handoff",  # the driver's hand-off of N tasks to Ray Data
     "tiny": "srbatch.benchmark.tiny",  # tiny images: the job against a plain loop (per-image overhead)
     "listing": "srbatch.benchmark.listing",  # listing 100k objects on a local S3 server and a local folder
+    "large": "srbatch.benchmark.large",  # peak memory of one 24 MP photo or one gigapixel TIFF
 }
 """Benchmarks with their own flags: ``jobs/benchmark.py NAME --help``."""
 
