@@ -36,8 +36,9 @@ STREAM_OUTPUT_BYTES = 64 * 1024**2
 """PNG and TIFF outputs larger than this (as uint8/uint16 samples) are written band by band while the model runs,
 never held whole: PNG as one streamed zlib stream, TIFF as a tiled, deflate-compressed BigTIFF."""
 STREAM_INPUT_PIXELS = 64 * 1024**2
-"""TIFF inputs with more pixels than this are read region by region (tile by tile), never decoded whole; they are
-not subject to the decompression-bomb limit, which guards formats that must be decoded whole."""
+"""TIFF inputs with more pixels than this, or whose samples take more than a quarter of the memory budget, are read
+region by region (tile by tile), never decoded whole; they are not subject to the decompression-bomb limit, which
+guards formats that must be decoded whole."""
 _TIFF_EXT = (".tif", ".tiff", ".btf", ".tf8")
 
 
@@ -178,8 +179,9 @@ class UpscaleWorker(ModelActor):
             return e, time.perf_counter() - t0
 
     def _open_large_tiff(self, uri: str, fs: Any) -> _StreamedTiff | None:
-        """A TIFF with more than :data:`STREAM_INPUT_PIXELS` pixels opened for region reads; None for anything else
-        (smaller TIFFs, and files that are not TIFF or whose header is broken: the whole-file path reports them)."""
+        """A TIFF with more than :data:`STREAM_INPUT_PIXELS` pixels (or samples over a quarter of the memory budget)
+        opened for region reads; None for anything else (smaller TIFFs, and files that are not TIFF or whose header
+        is broken: the whole-file path reports them)."""
         from srbatch.errors import ImageDecodeError
         from srbatch.io.storage import filesystem
         from srbatch.io.tiff import TiffSource
@@ -197,7 +199,9 @@ class UpscaleWorker(ModelActor):
         except BaseException:
             fh.close()
             raise
-        if source.height * source.width <= STREAM_INPUT_PIXELS:
+        px = source.height * source.width
+        samples = px * (source.channels + int(bool(source.has_alpha))) * np.dtype(source.dtype).itemsize
+        if px <= STREAM_INPUT_PIXELS and samples <= self.up.budget() // 4:
             source.close()
             fh.close()
             return None

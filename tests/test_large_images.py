@@ -1,0 +1,216 @@
+"""Large images under a memory budget: regions equal the untiled result, the plan fits the budget, and the memory a
+process really uses (peak RSS of a child process, not a mock) stays bounded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from srbatch.errors import ConfigError, InferenceError
+from srbatch.inference import Upscaler
+from srbatch.inference.memory import available_memory, format_bytes, measure_peak, parse_bytes, peak_rss, rss
+from srbatch.inference.regions import plan_regions
+from srbatch.io.images import DecodedImage
+from srbatch.models.loader import build_model
+
+
+def _forced(up: Upscaler, img: DecodedImage, core: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None, object]:
+    """Run ``img`` through the region loop with cores of at most ``core`` (a plan forced by its ``fits``)."""
+    pix, al = img.pixels, img.alpha
+    h, w, c = pix.shape
+    oh, ow = up.output_size(h, w)
+    plan = plan_regions(
+        height=h, width=w, out_height=oh, out_width=ow, halo=up.halo, multiple=max(up.info.size_multiple, 1),
+        integer_scale=None if up.outscale is not None else up.info.scale,
+        fits=lambda a, b: 1 if a <= core[0] and b <= core[1] else None, budget=1,
+    )  # fmt: skip
+    out = np.empty((oh, ow, c), pix.dtype)
+    out_a = np.empty((oh, ow), pix.dtype) if al is not None else None
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        r = pix[y0:y1, x0:x1]
+        return r if al is None else np.concatenate([r, al[y0:y1, x0:x1, None]], axis=2)
+
+    bands = list(up.iter_bands(read, plan, channels=c, has_alpha=al is not None, dtype=pix.dtype, out=(out, out_a)))
+    assert [b[0] for b in bands] == [a for a, _ in plan.out_rows]  # bands come in row order, one per row of regions
+    return out, out_a, plan
+
+
+def _image(h: int, w: int, c: int, dtype: type = np.uint8, alpha: bool = False, seed: int = 0) -> DecodedImage:
+    rng = np.random.default_rng(seed)
+    hi = np.iinfo(dtype).max
+    # smooth content plus noise: random pixels alone would hide errors that only show on structure
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 0.5 + 0.3 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None] + 0.1 * np.arange(c)
+    noisy = np.clip(base + rng.normal(0, 0.05, (h, w, c)), 0, 1)
+    pix = (noisy * hi + 0.5).astype(dtype)
+    a = (rng.random((h, w)) * hi).astype(dtype) if alpha else None
+    return DecodedImage(pixels=pix, alpha=a)
+
+
+MODELS = {
+    "bicubic-x3": lambda: build_model("bicubic", scale=3),
+    "edsr-x2": lambda: build_model("edsr-baseline", scale=2, n_resblocks=2, n_feats=16),
+    "vdsr-x2-upsampled-input": lambda: build_model("vdsr", scale=2, num_layers=4, num_features=8),
+    "rrdbnet-x2-multiple-of-2": lambda: build_model("rrdbnet", scale=2, num_block=1, num_feat=8, num_grow_ch=4),
+    "fsrcnn-x2-y-model": lambda: build_model("fsrcnn", scale=2, d=16, s=8, m=2, channels=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_regions_equal_the_untiled_image(name: str) -> None:
+    torch.manual_seed(0)
+    desc = MODELS[name]()
+    assert desc.info.local is True
+    up = Upscaler(desc, device="cpu")
+    img = _image(61, 83, 3)  # odd sizes: the last core is not a multiple of anything
+    whole = up.upscale_image(img).pixels
+    assert up.last_plan is not None and not up.last_plan.tiled
+    tiled, _, plan = _forced(up, img, (24, 30))
+    assert plan.tiled and plan.regions >= 6, plan
+    diff = np.abs(tiled.astype(int) - whole.astype(int))
+    print(f"{name}: {plan.regions} regions of {plan.tile}: max |diff| {diff.max()}, {int((diff > 0).sum())} samples")
+    assert diff.max() <= 1  # float rounding only: the halo covers the receptive field
+    assert (diff > 0).mean() < 0.01
+
+
+def test_regions_16bit_grey_and_rgba() -> None:
+    torch.manual_seed(0)
+    up = Upscaler(build_model("edsr-baseline", scale=2, n_resblocks=2, n_feats=16), device="cpu")
+    grey = _image(50, 70, 1, np.uint16)
+    whole = up.upscale_image(grey)
+    tiled, _, plan = _forced(up, grey, (20, 20))
+    assert plan.tiled and whole.pixels.dtype == np.uint16
+    assert np.abs(tiled.astype(int) - whole.pixels.astype(int)).max() <= 2  # 2 of 65535: float32 rounding
+    rgba = _image(45, 52, 3, alpha=True)
+    whole = up.upscale_image(rgba)
+    tiled, tiled_a, plan = _forced(up, rgba, (16, 20))
+    assert plan.tiled and tiled_a is not None and whole.alpha is not None
+    assert np.abs(tiled.astype(int) - whole.pixels.astype(int)).max() <= 1
+    assert np.abs(tiled_a.astype(int) - whole.alpha.astype(int)).max() <= 1  # alpha: MATLAB bicubic, exact rows
+
+
+def test_regions_with_outscale() -> None:
+    torch.manual_seed(0)
+    up = Upscaler(build_model("edsr-baseline", scale=2, n_resblocks=1, n_feats=8), device="cpu", outscale=1.5)
+    img = _image(40, 57, 3)
+    whole = up.upscale_image(img).pixels
+    assert whole.shape[:2] == (60, 86)
+    tiled, _, plan = _forced(up, img, (16, 16))
+    assert plan.tiled
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_a_global_model_is_marked_and_differs_when_tiled() -> None:
+    """IMDN's channel attention pools over the whole image: a tiled run is not the untiled one (hence tile_exact)."""
+    from srbatch.models.loader import load_model
+
+    desc = load_model("default", scale=2)  # the shipped IMDN, trained weights
+    assert desc.architecture == "imdn" and desc.info.local is False
+    up = Upscaler(desc, device="cpu")
+    img = _image(96, 96, 3)
+    whole = up.upscale_image(img).pixels
+    tiled, _, _ = _forced(up, img, (32, 32))
+    diff = np.abs(tiled.astype(int) - whole.astype(int))
+    print(f"IMDN tiled vs untiled: max |diff| {diff.max()}, {(diff > 0).mean():.1%} of samples")
+    assert diff.max() >= 1
+
+
+def test_plan_follows_the_budget() -> None:
+    desc = build_model("bicubic", scale=2)
+    h, w = 1100, 1000  # above PROBE_PIXELS: planned from a measurement
+    out_bytes = h * 2 * w * 2 * 3
+    roomy = Upscaler(desc, device="cpu", max_memory="4GiB")
+    plan = roomy.plan(h, w, channels=3, hold_input=True)
+    assert not plan.tiled and plan.estimate is not None and plan.estimate <= 4 * 1024**3
+    assert roomy.stats["probes"] == 1
+    budget = out_bytes + h * w * 3 + 64 * 1024**2  # the held arrays plus 64 MiB of working memory
+    tight = Upscaler(desc, device="cpu", max_memory=budget)
+    plan = tight.plan(h, w, channels=3, hold_input=True)
+    assert plan.tiled and plan.estimate is not None and plan.estimate <= budget
+    assert plan.cols == ((0, w),)  # full-width bands first
+    # streamed output: only a band is held, so the same budget allows taller bands
+    streamed = tight.plan(h, w, channels=3, hold_input=True, hold_output=False)
+    assert streamed.regions < plan.regions
+    with pytest.raises(InferenceError, match="max-memory"):  # 108 MB of output held, 32 MiB allowed
+        Upscaler(desc, device="cpu", max_memory="32MiB").plan(3000, 3000, channels=3)
+
+
+def test_parse_bytes_and_memory_figures() -> None:
+    assert parse_bytes("4GiB") == 4 * 1024**3
+    assert parse_bytes("512MB") == 512 * 1000**2
+    assert parse_bytes(" 2.5 g ") == int(2.5e9)
+    assert parse_bytes("auto") is None and parse_bytes(None) is None
+    for bad in ("lots", "4 parsecs", "1MB", True, "-3G"):
+        with pytest.raises(ConfigError, match="max_memory"):
+            parse_bytes(bad)
+    assert format_bytes(3 * 1024**3) == "3.00 GiB"
+    assert 0 < available_memory()
+    before = rss()
+    assert before is not None and before > 0
+    grown = measure_peak(lambda: np.ones(200 * 1024**2, np.uint8), torch.device("cpu"))
+    assert grown is not None and 190 * 1024**2 <= grown <= 260 * 1024**2
+    # the peak before the reset is not forgotten
+    assert peak_rss() >= before + 150 * 1024**2
+
+
+def test_max_memory_in_the_job_config() -> None:
+    from srbatch.upscale.config import load_config
+
+    cfg = load_config(None, {"input": "in/", "output": "out/", "max_memory": "3GiB"})
+    assert cfg.max_memory_bytes() == 3 * 1024**3
+    assert load_config(None, {"input": "in/", "output": "out/"}).max_memory_bytes() is None
+    with pytest.raises(ConfigError, match="max_memory.*4GiB"):
+        load_config(None, {"input": "in/", "output": "out/", "max_memory": "plenty"})
+
+
+_CHILD = textwrap.dedent(
+    """
+    import gc, json, sys, time
+    import numpy as np
+    from srbatch.inference import Upscaler
+    from srbatch.inference.memory import peak_rss, rss
+    from srbatch.io.images import DecodedImage
+    from srbatch.models.loader import build_model
+    h, w, s, budget = (int(v) for v in sys.argv[1:5])
+    up = Upscaler(build_model("bicubic", scale=s), device="cpu", max_memory=budget)
+    yy, xx = np.mgrid[0:h, 0:w]
+    pix = np.stack([(xx * 7 + yy * 3) % 256, (xx * yy) % 256, (xx ^ yy) % 256], -1).astype(np.uint8)
+    gc.collect()
+    base = rss()
+    out = up.upscale_image(DecodedImage(pixels=pix))
+    peak = peak_rss()
+    # an independent check of a few output pixels: MATLAB bicubic of the input at those rows, in float64
+    from srbatch.metrics.resize import imresize_uint8
+    ref = imresize_uint8(pix[:64, :64], s)
+    diff = int(np.abs(out.pixels[:64 * s - 8, :64 * s - 8].astype(int) - ref[:64 * s - 8, :64 * s - 8].astype(int)).max())
+    print(json.dumps({"base": base, "peak": peak, "tiled": up.last_plan.tiled, "regions": up.last_plan.regions,
+                      "shape": list(out.pixels.shape), "diff": diff}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_upscale_image_memory_stays_bounded_in_a_child_process() -> None:
+    """A 2000x1500 RGB x4 (36 MP output, 108 MB as uint8) under a 256 MiB budget: the child's peak RSS over its
+    baseline stays within the budget, about 2.5x the output at most (the old engine took ~30x)."""
+    h, w, s = 1500, 2000, 4
+    out_bytes = h * s * w * s * 3
+    budget = 256 * 1024**2
+    res = subprocess.run([sys.executable, "-c", _CHILD, str(h), str(w), str(s), str(budget)], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    grew = r["peak"] - r["base"]
+    print(f"peak over baseline {grew / 2**20:.0f} MiB for a {out_bytes / 2**20:.0f} MiB output "
+          f"({grew / out_bytes:.2f}x), {r['regions']} regions")
+    assert r["shape"] == [h * s, w * s, 3] and r["tiled"]
+    assert r["diff"] <= 1
+    assert grew <= budget * 1.1
+    assert grew <= 2.5 * out_bytes
