@@ -147,3 +147,41 @@ def test_panel_files_and_page(tmp_path) -> None:
     svg = plot_svg([{"model": "a", "runtime_s": 0.05, "psnr_y": 30.0}, {"model": "b", "runtime_s": 2.0, "psnr_y": 31}])
     assert svg.startswith("<svg") and ">0.1 s<" in svg and ">1 s<" in svg
     assert plot_svg([{"model": "a", "runtime_s": None, "psnr_y": None}]) == ""
+
+
+def test_large_panel_loads_one_output_at_a_time_and_finds_the_same_places() -> None:
+    """The large-image panel: each output loaded twice (maps, then crops), crops cut from the right place, and the
+    automatic crops land where the full-resolution ones do (detail, then disagreement)."""
+    from srbatch.compare.report import reduced_maps, render_panel_large
+
+    hr = _flat_with_texture(200, 240, at=(120, 40))
+    lr = hr[::4, ::4].copy()
+    a, b = hr.copy(), hr.copy()
+    b[16:56, 160:200] = 0
+    loads: list[str] = []
+
+    def loader(name: str, arr: np.ndarray):
+        return lambda: (loads.append(name), arr)[1]
+
+    written: dict[str, bytes] = {}
+    panel = render_panel_large(index=0, image="x", lr=lr, hr=None, outputs={"a": loader("a", a), "b": loader("b", b)},
+                               scale=4, crops=None, crop_size=48, crops_per_image=2,
+                               write=lambda rel, data: written.__setitem__(rel, data), factor=8)  # fmt: skip
+    assert loads == ["a", "b", "a", "b"]
+    full = auto_crops(np.mean([a, b], axis=0).astype(np.uint8), [a, b], scale=4, size=48, count=2)
+    from srbatch.compare.crops import _overlap
+
+    assert [c.reason for c in panel.crops] == [c.reason for c in full] == ["detail", "models disagree"]
+    for mine, ref in zip(panel.crops, full):
+        assert _overlap(mine, ref) >= 0.5 and mine.x % 4 == 0 and mine.y % 4 == 0 and mine.w == 48
+    import io
+
+    for j, c in enumerate(panel.crops):
+        for label, arr in (("a", a), ("b", b)):
+            got = np.asarray(Image.open(io.BytesIO(written[panel.model_files[label][j]])).convert("RGB"))
+            np.testing.assert_array_equal(got, arr[c.y : c.y + c.h, c.x : c.x + c.w])
+    # the block maps equal plain block means of the whole image
+    lum, det, disp = reduced_maps(hr, 8, band=3)
+    ref_disp = hr[:200, :240].astype(np.float64).reshape(25, 8, 30, 8, 3).mean(axis=(1, 3))
+    assert np.abs(disp.astype(np.float64) - ref_disp).max() <= 0.5 + 1e-9
+    assert lum.shape == det.shape == (25, 30) and det.max() > 0

@@ -18,7 +18,8 @@ import numpy as np
 
 from srbatch.compare.config import Crop
 
-__all__ = ["png_bytes", "to_display", "ImagePanel", "render_panel", "model_summary", "build_html", "plot_svg"]
+__all__ = ["png_bytes", "to_display", "ImagePanel", "render_panel", "render_panel_large", "reduced_maps",
+           "model_summary", "build_html", "plot_svg"]
 
 THUMB_MAX = 320
 CROP_DISPLAY = 200
@@ -134,6 +135,112 @@ def render_panel(
             name = f"{stem}/crop{j + 1}_m{m + 1}.png"
             panel.model_files.setdefault(label, []).append(name)
             write(name, _png8(out[c.y : c.y + c.h, c.x : c.x + c.w]))
+    return panel
+
+
+def reduced_maps(img: np.ndarray, factor: int, *, band: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(luma, detail, display)`` of ``img`` averaged over ``factor`` x ``factor`` blocks (partial blocks at the
+    right and bottom dropped), computed a band of rows at a time so no whole-image float copy exists: the block mean
+    of the BT.601 luma, of its local detail (:func:`~srbatch.compare.crops.detail_map`), and of the 8-bit pixels."""
+    from srbatch.compare.crops import detail_map, luma
+
+    f = int(factor)
+    hb, wb = img.shape[0] // f, img.shape[1] // f
+    c = img.shape[2] if img.ndim == 3 else 1
+    lum = np.empty((hb, wb), np.float32)
+    det = np.empty((hb, wb), np.float32)
+    disp = np.empty((hb, wb, c), np.uint8)
+    step = band * f
+    for y in range(0, hb * f, step):
+        blk = img[y : min(y + step, hb * f), : wb * f]
+        n = blk.shape[0] // f
+        y_plane = luma(blk)
+        lum[y // f : y // f + n] = y_plane.reshape(n, f, wb, f).mean(axis=(1, 3))
+        det[y // f : y // f + n] = detail_map(y_plane).reshape(n, f, wb, f).mean(axis=(1, 3))
+        shown = to_display(blk.reshape(blk.shape[0], blk.shape[1], c)).astype(np.float32)
+        disp[y // f : y // f + n] = (shown.reshape(n, f, wb, f, c).mean(axis=(1, 3)) + 0.5).astype(np.uint8)
+    return lum, det, disp
+
+
+def render_panel_large(
+    *,
+    index: int,
+    image: str,
+    lr: np.ndarray,
+    hr: np.ndarray | None,
+    outputs: Mapping[str, Any],
+    scale: int,
+    crops: Sequence[Crop] | None,
+    crop_size: int,
+    crops_per_image: int,
+    write: Any,
+    factor: int,
+) -> ImagePanel:
+    """:func:`render_panel` for outputs too large to hold together: ``outputs`` maps each model to a function that
+    loads its pixels; each is loaded once to build its block-averaged maps (:func:`reduced_maps`, ``factor`` a
+    multiple of ``scale``) and once more to cut the crops, so one output is in memory at a time.
+
+    Automatic crops are chosen on the reduced maps: detail from the HR (or the models' mean detail), disagreement as
+    the spread of the models' block-mean luma, so they are placed to ``factor`` pixels and disagreement is measured
+    at that resolution, not per pixel.
+    """
+    from srbatch.compare.crops import _best, fit_crops
+
+    f = int(factor)
+    h, w = lr.shape[0] * scale, lr.shape[1] * scale
+    lums, dets, disps = [], [], []
+    for load in outputs.values():
+        out = load()
+        lum, det, disp = reduced_maps(out[:h, :w], f)
+        del out
+        lums.append(lum), dets.append(det), disps.append(disp.astype(np.float32))
+    if hr is not None:
+        _, base_det, base = reduced_maps(hr, f)
+    elif dets:
+        base_det = np.mean(dets, axis=0)
+        base = (np.mean(disps, axis=0) + 0.5).astype(np.uint8)
+    else:
+        base_det = None
+        base = np.repeat(np.repeat(to_display(lr), scale // f or 1, 0), scale // f or 1, 1)
+    if crops is None:
+        chosen: list[Crop] = []
+        if base_det is not None:
+            disagree = np.std(np.stack(lums), axis=0) if len(lums) >= 2 else None
+            size = max(scale, min(crop_size, h, w) // scale * scale)
+            small = max(1, size // f)
+            taken: list[Crop] = []
+            for k in range(crops_per_image):
+                use = disagree is not None and k % 2 == 1
+                c = _best(disagree if use else base_det, small, 1, taken, "models disagree" if use else "detail")
+                if c is None:
+                    break
+                taken.append(c)
+                y = min(c.y * f // scale * scale, h - size)
+                x = min(c.x * f // scale * scale, w - size)
+                chosen.append(Crop(x=x, y=y, w=size, h=size, reason=c.reason))
+    else:
+        chosen = fit_crops(crops, width=w, height=h, scale=scale)
+    stem = f"report/{index:04d}"
+    panel = ImagePanel(image=image, width=w, height=h, thumb=f"{stem}/thumb.png", crops=chosen, lr_files=[],
+                       hr_files=[] if hr is not None else None)  # fmt: skip
+    if crops is not None and len(chosen) < len(crops):
+        panel.note = f"{len(crops) - len(chosen)} of the --crops boxes fall outside this image"
+    reduced = [Crop(x=c.x // f, y=c.y // f, w=max(1, c.w // f), h=max(1, c.h // f), reason=c.reason) for c in chosen]
+    write(panel.thumb, _thumb(base, reduced))
+    for j, c in enumerate(chosen):
+        lr_crop = lr[c.y // scale : (c.y + c.h) // scale, c.x // scale : (c.x + c.w) // scale]
+        panel.lr_files.append(f"{stem}/crop{j + 1}_lr.png")
+        write(panel.lr_files[-1], _png8(np.repeat(np.repeat(lr_crop, scale, axis=0), scale, axis=1)))
+        if hr is not None and panel.hr_files is not None:
+            panel.hr_files.append(f"{stem}/crop{j + 1}_hr.png")
+            write(panel.hr_files[-1], _png8(hr[c.y : c.y + c.h, c.x : c.x + c.w]))
+    for m, (label, load) in enumerate(outputs.items()):
+        out = load()
+        for j, c in enumerate(chosen):
+            name = f"{stem}/crop{j + 1}_m{m + 1}.png"
+            panel.model_files.setdefault(label, []).append(name)
+            write(name, _png8(np.ascontiguousarray(out[c.y : c.y + c.h, c.x : c.x + c.w])))
+        del out
     return panel
 
 

@@ -230,6 +230,12 @@ def _write_parquet(cfg: CompareConfig, rows: list[dict[str, Any]]) -> str:
     return uri
 
 
+LARGE_PANEL_PIXELS = 16 * 1024**2
+"""Images whose outputs have more pixels than this get their report panel from :func:`render_panel_large`."""
+REDUCED_PIXELS = 4 * 1024**2
+"""About how many pixels the block-averaged maps of a large panel have."""
+
+
 def _panel_task(cfg_dump: dict[str, Any], item: dict[str, Any], outputs: dict[str, str], mode: str) -> Any:
     """Ray task: read one image and its models' outputs, choose crops, write thumbnail and crops."""
     from srbatch.compare.report import render_panel
@@ -240,10 +246,21 @@ def _panel_task(cfg_dump: dict[str, Any], item: dict[str, Any], outputs: dict[st
     cfg = CompareConfig.model_validate(cfg_dump)
     so = cfg.fs_options()
     lr, hr = load_input(cfg, item["image_uri"], item["lr_uri"] or None, mode, item["image"])
-    outs = {label: decode_image(read_bytes(uri, so), name=uri).pixels for label, uri in outputs.items()}
 
     def write(rel: str, data: bytes) -> None:
         write_bytes(join_uri(cfg.output, rel), data, so, content_type="image/png")
+
+    out_px = lr.height * lr.width * cfg.scale**2
+    if out_px > LARGE_PANEL_PIXELS:  # one output in memory at a time, crops chosen on block-averaged maps
+        from srbatch.compare.report import render_panel_large
+
+        k = max(1, math.ceil(math.sqrt(out_px / REDUCED_PIXELS) / cfg.scale))
+        loaders = {label: (lambda uri=uri: decode_image(read_bytes(uri, so), name=uri, max_pixels=out_px + 1).pixels)
+                   for label, uri in outputs.items()}  # fmt: skip
+        return render_panel_large(index=item["n"], image=item["image"], lr=lr.pixels, hr=hr, outputs=loaders,
+                                  scale=cfg.scale, crops=cfg.user_crops(), crop_size=cfg.crop_size,
+                                  crops_per_image=cfg.crops_per_image, write=write, factor=k * cfg.scale)  # fmt: skip
+    outs = {label: decode_image(read_bytes(uri, so), name=uri).pixels for label, uri in outputs.items()}
 
     return render_panel(index=item["n"], image=item["image"], lr=lr.pixels, hr=hr, outputs=outs, scale=cfg.scale,
                         crops=cfg.user_crops(), crop_size=cfg.crop_size, crops_per_image=cfg.crops_per_image,

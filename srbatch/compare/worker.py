@@ -83,7 +83,8 @@ class CompareWorker(ModelActor):
     job = "compare"
 
     def __init__(
-        self, config: dict[str, Any], model: int, label: str, mode: str, torch_threads: int | None = None
+        self, config: dict[str, Any], model: int, label: str, mode: str, torch_threads: int | None = None,
+        memory_share: float = 0.5,
     ) -> None:
         from srbatch.evaluate import resolve_precision
         from srbatch.inference import TilingConfig
@@ -92,7 +93,8 @@ class CompareWorker(ModelActor):
         self.spec, self.label, self.mode = self.cfg.models[model], label, mode
         self._start_model(self.spec, scale=self.cfg.scale, storage_options=self.cfg.fs_options(),
                           device=self.cfg.device, dtype=self.cfg.dtype, tiling=TilingConfig(tile=self.cfg.tile),
-                          torch_threads=torch_threads, label=label)  # fmt: skip
+                          torch_threads=torch_threads, label=label, max_memory=self.cfg.max_memory_bytes(),
+                          memory_share=memory_share)  # fmt: skip
         self.params = sum(p.numel() for p in self.desc.module.parameters())
         self.precision = resolve_precision(self.cfg.precision, self.desc)  # as `upscale_and_measure` resolves it
 
@@ -134,9 +136,25 @@ class CompareWorker(ModelActor):
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+LARGE_OUTPUT_BYTES = 64 * 1024**2
+"""Outputs larger than this are written as a streamed PNG, band of rows by band (no second copy for the encoder)."""
+
+
 def _write_png(pixels: np.ndarray, uri: str, storage_options: dict[str, Any]) -> None:
     from srbatch.compare.report import png_bytes
-    from srbatch.io.storage import write_bytes
+    from srbatch.io.storage import filesystem, write_bytes
 
-    write_bytes(uri, png_bytes(pixels), storage_options, content_type="image/png")
+    if pixels.nbytes <= LARGE_OUTPUT_BYTES:
+        write_bytes(uri, png_bytes(pixels), storage_options, content_type="image/png")
+        return
+    from srbatch.io.pngstream import write_png_stream
+    from srbatch.upscale.manifest import put_file_atomic
+
+    fs, path = filesystem(uri, storage_options)
+    h, w = pixels.shape[:2]
+    c = pixels.shape[2] if pixels.ndim == 3 else 1
+    rows = max(1, (16 * 1024**2) // max(w * c * pixels.itemsize, 1))
+    bands = (pixels[y : y + rows].reshape(-1, w, c) for y in range(0, h, rows))
+    put_file_atomic(fs, path, lambda fh: write_png_stream(fh, bands, height=h, width=w, channels=c,
+                                                          dtype=pixels.dtype))  # fmt: skip
 
