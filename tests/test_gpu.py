@@ -79,3 +79,22 @@ def test_upscale_actor_runs_on_cuda_and_writes_the_cpu_engines_pixels(tmp_path):
     row = table.to_pylist()[0]
     assert row["status"] == "ok" and row["device"].startswith("cuda"), row
     assert_as_engine(out, src, model="default", scale=4, name="a.png")  # the CPU engine's pixels, within 1 level
+
+
+def test_large_image_on_cuda_is_planned_from_device_memory_and_equals_cpu():
+    """A 1200x1100 image (above the probe threshold) on CUDA: the working set is measured with the CUDA allocator,
+    the plan fits 80% of the free device memory, and the output equals the CPU engine's (regions or not)."""
+    from srbatch.io.images import DecodedImage
+
+    torch.manual_seed(0)
+    desc = build_model("edsr-baseline", scale=2, n_resblocks=2, n_feats=16)
+    rng = np.random.default_rng(0)
+    img = DecodedImage(pixels=np.repeat(np.repeat(_texture(120, 110), 10, 0), 10, 1)
+                       + rng.integers(0, 3, (1200, 1100, 3), dtype=np.uint8))  # fmt: skip
+    gpu = Upscaler(desc, device="cuda", max_memory="3GiB")
+    out = gpu.upscale_image(img).pixels
+    assert gpu.stats["probes"] == 1 and gpu.last_plan is not None and gpu.last_plan.estimate is not None
+    cpu = Upscaler(build_model("edsr-baseline", scale=2, n_resblocks=2, n_feats=16), device="cpu")
+    cpu.module.load_state_dict(desc.module.state_dict())
+    ref = cpu.upscale_image(img).pixels
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1

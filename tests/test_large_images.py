@@ -214,3 +214,91 @@ def test_upscale_image_memory_stays_bounded_in_a_child_process() -> None:
     assert r["diff"] <= 1
     assert grew <= budget * 1.1
     assert grew <= 2.5 * out_bytes
+
+
+@pytest.mark.slow
+def test_gigapixel_shaped_tiff_streams_with_bounded_memory(tmp_path) -> None:
+    """The CI-sized case of the gigapixel benchmark: a 6000x6000 16-bit grey tiled TIFF, x2, through the job's actor
+    code in a child process with a 96 MiB budget: regions are read tile by tile and the output written band by band
+    as a tiled BigTIFF. The child's peak RSS over its baseline stays near the budget (the output alone is 275 MiB),
+    the output opens in tifffile with the right shape and dtype, and a region crossing tile seams equals that region
+    upscaled on its own."""
+    res = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", "large", "tiff", "--size", "6000x6000", "--scale", "2",
+         "--max-memory", "96MiB", "--workdir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    print(res.stdout)
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["status"] == "ok" and r["tile_height"] and r["tile_exact"] is True
+    assert r["regions"] > 1
+    c = r["check"]
+    assert c["shape"] == [12000, 12000] and c["dtype"] == "uint16" and c["bigtiff"] and c["tiled"]
+    assert c["max_diff"] <= 1  # float rounding only
+    budget = 96 * 1024**2
+    assert r["over_baseline"] <= 1.25 * budget, r["over_baseline"] / 2**20
+    assert r["over_baseline"] < 0.5 * r["output_samples_bytes"]
+
+
+def _tiff_bytes(arr: np.ndarray, tile: int = 256) -> bytes:
+    import io
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, tile=(tile, tile), compression="zlib", bigtiff=True)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_job_on_s3_streams_a_large_tiff_and_fails_broken_ones(ray_cluster, s3_bucket) -> None:
+    """Through the Ray job on the local S3 server with --max-memory 48MiB: a 3000x3000 16-bit TIFF is read region by
+    region from S3 and written as a tiled BigTIFF equal to the engine's untiled output; a truncated and a corrupt TIFF
+    are failed rows naming the file; a photo is tiled in memory and recorded as tiled."""
+    import io
+
+    import s3fs
+    import tifffile
+    from PIL import Image
+
+    from srbatch.io.images import decode_image
+    from srbatch.upscale import UpscaleConfig, run_job
+    from srbatch.upscale.manifest import read_manifest
+
+    fs = s3fs.S3FileSystem()
+    yy, xx = np.mgrid[0:3000, 0:3000]
+    grey = ((np.sin(xx / 37.0) * np.cos(yy / 23.0) + 1) * 30000 + (xx * 7 + yy) % 500).astype(np.uint16)
+    big = _tiff_bytes(grey)
+    fs.pipe_file(f"{s3_bucket}/in/slide.tif", big)
+    fs.pipe_file(f"{s3_bucket}/in/cut.tif", big[: len(big) * 6 // 10])
+    fs.pipe_file(f"{s3_bucket}/in/junk.tif", b"II*\x00" + b"\x07" * 5000)
+    photo = _image(1000, 1200, 3).pixels
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "PNG")
+    fs.pipe_file(f"{s3_bucket}/in/photo.png", buf.getvalue())
+    cfg = UpscaleConfig(input=f"s3://{s3_bucket}/in/", output=f"s3://{s3_bucket}/out/", model="bicubic", scale=2,
+                        format="TIFF", max_memory="48MiB", progress=False, max_failed_fraction=1.0)  # fmt: skip
+    run_job(cfg)
+    rows = {r["input_uri"].rsplit("/", 1)[1]: r for r in read_manifest(cfg.output, cfg.fs_options()).to_pylist()}
+    slide = rows["slide.tif"]
+    assert slide["status"] == "ok", slide
+    assert slide["tile_height"] and slide["tile_exact"] is True and (slide["output_width"], slide["output_height"]) == (6000, 6000)
+    with fs.open(f"{s3_bucket}/out/slide.tif", "rb") as f:
+        data = f.read()
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:
+        assert tf.is_bigtiff and tf.pages[0].is_tiled
+        out = tf.asarray()
+    ref = Upscaler(build_model("bicubic", scale=2), device="cpu").upscale_image(DecodedImage(pixels=grey[..., None]))
+    assert out.shape == (6000, 6000) and out.dtype == np.uint16
+    assert np.abs(out.astype(int) - ref.pixels[..., 0].astype(int)).max() <= 1
+    for name in ("cut.tif", "junk.tif"):
+        assert rows[name]["status"] == "failed" and name in rows[name]["error_message"], rows[name]
+        assert rows[name]["error_type"] == "ImageDecodeError"
+        assert not fs.exists(f"{s3_bucket}/out/{name}")
+    ph = rows["photo.png"]
+    assert ph["status"] == "ok" and ph["tile_height"] is not None
+    got = decode_image(fs.cat_file(f"{s3_bucket}/out/photo.tif")).pixels
+    whole = Upscaler(build_model("bicubic", scale=2), device="cpu").upscale_image(DecodedImage(pixels=photo)).pixels
+    assert np.abs(got.astype(int) - whole.astype(int)).max() <= 1
+    assert not [p for p in fs.find(f"{s3_bucket}/out") if ".srbatch-tmp-" in p]
