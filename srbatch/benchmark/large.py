@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py large"
     if a.pythonpath:
         env["PYTHONPATH"] = a.pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     load = os.getloadavg()[0]
-    child = subprocess.run([sys.executable, "-m", "srbatch.benchmark.large", "--child", json.dumps(spec)], env=env,
+    # the child runs this file as a script, so with --pythonpath every srbatch import comes from the other checkout
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
                            capture_output=True, text=True)  # fmt: skip
     if child.returncode != 0:
         print(child.stderr[-4000:], file=sys.stderr)
@@ -283,8 +284,11 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py large"
 
     r["machine"] = machine_info("cpu")
     gib = 1024**3
+    m = r["machine"]
     print(f"large {a.case}: {width}x{height} -> {width * scale}x{height * scale} x{scale}, model {a.model}, "
-          f"sink {a.sink}, {fmt}; {r['machine']}; load {load:.2f}; torch threads {r['torch_threads']}")
+          f"sink {a.sink}, {fmt}{' (srbatch from ' + a.pythonpath + ')' if a.pythonpath else ''}; "
+          f"{m.get('cpu')} x{m.get('cpus')}, torch {m.get('torch')}, load {load:.2f}, torch threads "
+          f"{r['torch_threads']}")
     if r.get("status") != "ok":
         print(f"  FAILED: {r.get('error_type')}: {r.get('error_message')}")
     print(f"  time {r['seconds']:.1f} s (decode {r.get('decode_s') or 0:.1f}, infer {r.get('infer_s') or 0:.1f}, "
