@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "handoff": "srbatch.benchmark.handoff",  # the driver's hand-off of N tasks to Ray Data
     "tiny": "srbatch.benchmark.tiny",  # tiny images: the job against a plain loop (per-image overhead)
     "listing": "srbatch.benchmark.listing",  # listing 100k objects on a local S3 server and a local folder
+    "bicubic": "srbatch.benchmark.bicubic",  # the fast MATLAB bicubic against Pillow, and its accuracy
 }
 """Benchmarks with their own flags: ``jobs/benchmark.py NAME --help``."""
 
