@@ -243,7 +243,7 @@ def _polyphase_plan(
     return p, s, start, kernel
 
 
-_CHUNK = 1 << 20  # output elements per chunk of the polyphase path (4 MB in float32): temporaries stay in cache
+_CHUNK = 1 << 18  # output elements per chunk of the polyphase path (1 MB in float32): temporaries stay in cache
 
 
 def _polyphase_axis(x: torch.Tensor, axis: int, out_len: int, plan: tuple[int, int, int, torch.Tensor]) -> torch.Tensor:
