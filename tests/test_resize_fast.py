@@ -192,3 +192,12 @@ def test_evaluate_keeps_the_exact_bicubic(refs) -> None:
     assert [got[k] for k in sorted(got)] == pytest.approx(exact_vals, abs=1e-12, rel=0)
     assert max(abs(a - b) for a, b in zip(exact_vals, fast_vals)) > 1e-6
     assert res.psnr_y == pytest.approx(33.64, abs=0.01)  # the published figure (refs/EXPECTED.md)
+
+
+def test_imresize_fast_returns_a_new_tensor() -> None:
+    """Callers quantise the result in place: it never aliases the input, even where an axis keeps its size."""
+    x = _rand(3, 8, 9)
+    for scale in ((1.0, 1.0), (2.0, 1.0), (1.0, 0.5)):
+        y = imresize_fast(x, scale)
+        y.add_(1)
+        assert torch.equal(x, _rand(3, 8, 9)), scale

@@ -280,8 +280,10 @@ def _polyphase_axis(x: torch.Tensor, axis: int, out_len: int, plan: tuple[int, i
 def _fast_axis(x: torch.Tensor, axis: int, out_len: int, scale: float, antialias: bool) -> torch.Tensor:
     in_len = x.shape[axis]
     if out_len == in_len and scale == 1:
-        return x  # MATLAB's weights are exactly the identity here
-    plan = _polyphase_plan(in_len, out_len, scale, antialias)
+        return x.clone()  # MATLAB's weights are exactly the identity here; a new tensor, as on every other path
+    # The convolution on CPU only: on CUDA, cuDNN's default TF32 would round the weights to 10 bits; gathering the
+    # taps is elementwise work, in full float32 everywhere.
+    plan = _polyphase_plan(in_len, out_len, scale, antialias) if x.device.type == "cpu" else None
     if plan is not None:
         return _polyphase_axis(x, axis, out_len, plan)
     idx, w = banded_weights(in_len, out_len, scale, antialias)
@@ -299,8 +301,8 @@ def imresize_fast(
 
     float32 and float64 inputs are computed in their own dtype, float16/bfloat16 in float32 (cast back), integer
     inputs in float32 (the result stays float32). No float64 copy of the image is made: each axis is resized chunk by
-    chunk into one new tensor, with a polyphase convolution for integer up- and downscales (mirror-padded chunks, the
-    taps of MATLAB's weights) and :func:`resize_axis` otherwise. The result is ``(..., H', W')``, contiguous; not
+    chunk into one new tensor, with a polyphase convolution for integer up- and downscales on CPU (mirror-padded
+    chunks, the taps of MATLAB's weights) and :func:`resize_axis` otherwise. The result is ``(..., H', W')``, contiguous; not
     rounded or clamped. In float32 on [0, 1] data it is within about 1e-6 of :func:`imresize`.
     """
     if x.ndim < 2:
