@@ -201,3 +201,16 @@ def test_imresize_fast_returns_a_new_tensor() -> None:
         y = imresize_fast(x, scale)
         y.add_(1)
         assert torch.equal(x, _rand(3, 8, 9)), scale
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 500])
+def test_chunked_paths_equal_the_whole(monkeypatch, chunk: int) -> None:
+    """The polyphase and gather paths work chunk by chunk (``_CHUNK`` output elements); with chunks far smaller than
+    the image (down to one row), every chunk boundary and the last, partial chunk give the whole resize."""
+    from srbatch.metrics import resize
+
+    monkeypatch.setattr(resize, "_CHUNK", chunk)
+    x = _rand(2, 23, 19, seed=chunk)
+    for scale in (3, 0.5, 1.7, (2, 0.6)):
+        xs = x if scale != 0.5 else x[:, :22, :18]
+        torch.testing.assert_close(imresize_fast(xs, scale).double(), imresize(xs.double(), scale), rtol=0, atol=TOL32)
