@@ -214,3 +214,25 @@ def test_chunked_paths_equal_the_whole(monkeypatch, chunk: int) -> None:
     for scale in (3, 0.5, 1.7, (2, 0.6)):
         xs = x if scale != 0.5 else x[:, :22, :18]
         torch.testing.assert_close(imresize_fast(xs, scale).double(), imresize(xs.double(), scale), rtol=0, atol=TOL32)
+
+
+def test_benchmark_bicubic_runs_and_rounds_like_matlab(capsys) -> None:
+    """``jobs/benchmark.py bicubic`` (speed part, a small image): exit 0, both times and their ratio; the uint8 image
+    it times is MATLAB's ``imresize`` of the uint8 input (``imresize_uint8``, float64) within one level, and the
+    float64 path with its rounding is exactly ``imresize_uint8``."""
+    import json
+
+    from srbatch.benchmark import bicubic as bench
+    from srbatch.metrics.resize import imresize_uint8
+
+    assert bench.main(["--size", "60x40", "--repeat", "1", "--skip-accuracy", "--json"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.strip().splitlines()[-1])["speed"]
+    assert r["output"] == "240x160" and r["pillow_s"] > 0 and r["fast_s"] > 0 and r["torch_threads"] >= 1
+    assert r["ratio"] == pytest.approx(r["fast_s"] / r["pillow_s"]) and "ratio srbatch / Pillow" in out
+    img, _ = bench.make_image((45, 31), None)  # the synthetic image (no reference data)
+    want = imresize_uint8(img, 3).astype(int)
+    got = bench._fast_uint8(build_model("bicubic", scale=3).module, img)
+    assert got.shape == (93, 135, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1 and (got != want).mean() < 1e-3
+    assert np.array_equal(bench._exact_uint8(img, 3), want)
