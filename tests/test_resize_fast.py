@@ -146,6 +146,7 @@ def test_resize_axis_on_a_region_equals_the_full_resize(axis: int, in_len: int, 
         if hi - lo >= 1:  # a crop one position short of the taps is refused, naming what is needed
             with pytest.raises(ConfigError, match="need input positions"):
                 resize_axis(crop.narrow(axis, 1, hi - lo), axis, idx[a:b], w[a:b], offset=lo + 1)
+    assert resize_axis(x, axis, idx[:0], w[:0]).shape == full.narrow(axis, 0, 0).shape  # an empty region
     with pytest.raises(ConfigError):
         resize_axis(x, 0, idx, w)
 

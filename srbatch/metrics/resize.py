@@ -195,6 +195,8 @@ def resize_axis(
         raise ConfigError(f"resize_axis needs taps idx and w of one shape (n, K); got {tuple(idx.shape)} and "
                           f"{tuple(w.shape)}")  # fmt: skip
     n = x.shape[axis]
+    if idx.shape[0] == 0:  # an empty region
+        return x.narrow(axis, 0, 0).clone()
     lo, hi = int(idx.min()), int(idx.max())
     if lo < offset or hi >= offset + n:
         raise ConfigError(
