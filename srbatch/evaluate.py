@@ -10,7 +10,7 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -202,11 +202,14 @@ def evaluate(
     ``precision`` is one of :data:`PRECISION_MODES`.
     """
     from srbatch.inference import TilingConfig, Upscaler
-    from srbatch.models.loader import load_model
+    from srbatch.models.loader import build_model, load_model
 
     if scale < 1:
         raise ConfigError(f"scale must be >= 1; got {scale}")
     desc = model if isinstance(model, ModelDescriptor) else load_model(model, scale=scale)
+    if desc.architecture == "bicubic" and not desc.hparams.get("exact"):  # the paper's bicubic: float64, not fast
+        exact = build_model("bicubic", **{**desc.hparams, "exact": True})
+        desc = replace(desc, module=exact.module, hparams=exact.hparams)
     if desc.scale != scale:
         raise ConfigError(f"model {desc.name} is x{desc.scale}; evaluate it with --scale {desc.scale}")
     border = scale if crop_border is None else int(crop_border)

@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "tiny": "srbatch.benchmark.tiny",  # tiny images: the job against a plain loop (per-image overhead)
     "listing": "srbatch.benchmark.listing",  # listing 100k objects on a local S3 server and a local folder
     "large": "srbatch.benchmark.large",  # peak memory of one 24 MP photo or one gigapixel TIFF
+    "bicubic": "srbatch.benchmark.bicubic",  # the fast MATLAB bicubic against Pillow, and its accuracy
 }
 """Benchmarks with their own flags: ``jobs/benchmark.py NAME --help``."""
 

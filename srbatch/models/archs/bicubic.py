@@ -1,7 +1,9 @@
-"""Bicubic upscaling as a model: MATLAB-exact ``imresize`` wrapped in a parameter-free ``nn.Module``.
+"""Bicubic upscaling as a model: MATLAB ``imresize`` wrapped in a parameter-free ``nn.Module``.
 
 It is the baseline of every SR table (bicubic a = -0.5, symmetric padding; see :mod:`srbatch.metrics.resize`), and
-being model-shaped lets the engine, the tiler and the metrics treat it like any network.
+being model-shaped lets the engine, the tiler and the metrics treat it like any network. By default it runs
+:func:`~srbatch.metrics.resize.imresize_fast` in the input's dtype (MATLAB's weights, float32 rounding);
+``exact=True`` runs the float64 :func:`~srbatch.metrics.resize.imresize`, as ``srbatch evaluate`` does.
 """
 
 from __future__ import annotations
@@ -12,30 +14,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from srbatch.metrics.resize import imresize
+from srbatch.errors import ConfigError
+from srbatch.metrics.resize import imresize, imresize_fast
 from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, positive_int
 
 __all__ = ["ARCH", "Bicubic", "detect", "info"]
 
 
 class Bicubic(nn.Module):
-    """Upscale ``(N, C, H, W)`` by an integer ``scale`` with MATLAB ``imresize`` (computed in float64).
+    """Upscale ``(N, C, H, W)`` by an integer ``scale`` with MATLAB ``imresize``.
 
-    ``scale`` and ``channels`` are positive integers (1 for grey, 3 for RGB). The output has the input's dtype and is
-    not clamped (bicubic overshoots slightly near edges).
+    ``scale`` and ``channels`` are positive integers (1 for grey, 3 for RGB). ``exact=False`` (the default) computes
+    in the input's dtype with :func:`imresize_fast` (float32: within about 1e-6 of the float64 result on [0, 1]
+    data); ``exact=True`` computes in float64 (:func:`imresize`), for MATLAB-exact evaluation. The output has the
+    input's dtype and is not clamped (bicubic overshoots slightly near edges).
     """
 
-    def __init__(self, *, scale: int, channels: int = 3) -> None:
+    def __init__(self, *, scale: int, channels: int = 3, exact: bool = False) -> None:
         super().__init__()
         self.scale = positive_int("bicubic", "scale", scale)
         self.channels = positive_int("bicubic", "channels", channels)
+        if not isinstance(exact, bool):
+            raise ConfigError(f"bicubic: exact must be true or false; got {exact!r}")
+        self.exact = exact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``imresize(x, scale)`` cast back to ``x.dtype``."""
-        return imresize(x, self.scale).to(x.dtype)
+        """``imresize(x, scale)`` (float64, when ``exact``) or ``imresize_fast(x, scale)``, in ``x.dtype``."""
+        if self.exact:
+            return imresize(x, self.scale).to(x.dtype)
+        return imresize_fast(x, self.scale).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, channels={self.channels}"
+        return f"scale={self.scale}, channels={self.channels}" + (", exact=True" if self.exact else "")
 
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
