@@ -366,7 +366,7 @@ def _tiles(bands: Iterable[np.ndarray], *, height: int, width: int, samples: int
            tile: tuple[int, int]) -> Iterator[np.ndarray]:
     """Yield tiles row by row, left to right, from row bands of any heights; edge tiles are cut (tifffile pads)."""
     th, tw = tile
-    pending: list[np.ndarray] = []  # pieces of the current row of tiles
+    row = np.empty((min(th, height), width, samples), dtype)  # one row of tiles, reused
     have = 0
     seen = 0
     for i, band in enumerate(bands):
@@ -382,15 +382,15 @@ def _tiles(bands: Iterable[np.ndarray], *, height: int, width: int, samples: int
         start = 0
         while start < band.shape[0]:
             take = min(th - have, band.shape[0] - start)
-            pending.append(band[start:start + take])
+            row[have:have + take] = band[start:start + take]
             have += take
             start += take
             if have == th or (seen == height and start == band.shape[0]):
-                row = pending[0] if len(pending) == 1 else np.concatenate(pending, axis=0)
-                pending, have = [], 0
+                # copies: tifffile keeps the first item it peeks at, which must not pin a whole row
                 for x in range(0, width, tw):
-                    yield row[:, x:x + tw]
-                del row
+                    yield np.ascontiguousarray(row[:have, x:x + tw])
+                have = 0
+        del band
     if seen != height or have:
         raise ConfigError(f"the bands hold {seen} rows, expected height={height}")
 
