@@ -74,6 +74,8 @@ CASES = {
     "grey16-tiled-lzma": lambda: _tifffile_bytes(GREY16, tile=(256, 128), compression="lzma"),
     "rgb8-strips-lzw-pillow": lambda: _pillow_lzw(RGB8),
     "grey16-strips-lzw-pillow": lambda: _pillow_lzw(GREY16),
+    "rgb8-strips-lzw-predictor-pillow": lambda: _pillow_lzw(RGB8, tiffinfo={317: 2}),
+    "grey16-strips-lzw-predictor-pillow": lambda: _pillow_lzw(GREY16, tiffinfo={317: 2}),
 }
 EXPECTED = {  # channels, has_alpha, dtype, tiled, segment_shape (None: from tifffile), bigtiff, is_ome, compression
     "rgb8-tiled-deflate": (3, False, np.uint8, True, (128, 128), False, False, "adobe_deflate"),
@@ -86,6 +88,8 @@ EXPECTED = {  # channels, has_alpha, dtype, tiled, segment_shape (None: from tif
     "grey16-tiled-lzma": (1, False, np.uint16, True, (256, 128), False, False, "lzma"),
     "rgb8-strips-lzw-pillow": (3, False, np.uint8, False, None, False, False, "lzw"),
     "grey16-strips-lzw-pillow": (1, False, np.uint16, False, None, False, False, "lzw"),
+    "rgb8-strips-lzw-predictor-pillow": (3, False, np.uint8, False, None, False, False, "lzw"),
+    "grey16-strips-lzw-predictor-pillow": (1, False, np.uint16, False, None, False, False, "lzw"),
 }
 REGIONS = [
     (0, H, 0, W),  # whole image
@@ -103,7 +107,8 @@ SOURCES = {  # the array each case was written from
     "rgb8-tiled-deflate": RGB8, "rgb8-strips-deflate-predictor": RGB8, "grey16-tiled-deflate-bigendian-bigtiff": GREY16,
     "grey16-strips-none-bigendian": GREY16, "grey8-tiled-ome": GREY8, "rgb16-tiled-separate-planes": RGB16,
     "rgba8-tiled-none": RGBA8, "grey16-tiled-lzma": GREY16, "rgb8-strips-lzw-pillow": RGB8,
-    "grey16-strips-lzw-pillow": GREY16,
+    "grey16-strips-lzw-pillow": GREY16, "rgb8-strips-lzw-predictor-pillow": RGB8,
+    "grey16-strips-lzw-predictor-pillow": GREY16,
 }
 
 
@@ -138,12 +143,11 @@ def test_region_reads_equal_the_written_image(case):
             np.testing.assert_array_equal(got, ref[y0:y1, x0:x1], err_msg=f"{name} region {(y0, y1, x0, x1)}")
 
 
-def test_pillow_lzw_file_has_several_strips_and_the_source_values():
-    # the LZW path is checked against the array Pillow (libtiff) was given, not only against tifffile's reading
-    data = _pillow_lzw(RGB8)
-    with TiffSource(io.BytesIO(data), name="lzw.tif") as src:
-        assert src.compression == "lzw" and src._per_plane > 10
-        np.testing.assert_array_equal(src.read_region(0, H, 0, W), RGB8)
+def test_pillow_lzw_fixtures_are_what_they_claim():
+    for kw, predictor in (({}, 1), ({"tiffinfo": {317: 2}}, 2)):
+        with tifffile.TiffFile(io.BytesIO(_pillow_lzw(RGB8, **kw))) as tif:
+            page = tif.pages[0]
+            assert int(page.compression) == 5 and int(page.predictor) == predictor and len(page.dataoffsets) > 10
 
 
 def test_miniswhite_is_inverted_to_black_is_zero():
@@ -241,7 +245,7 @@ def test_truncated_file_names_the_file_and_the_segment():
         with pytest.raises(ImageDecodeError) as err:
             src.read_region(0, H, 0, W)
     msg = str(err.value)
-    assert "cut.tif" in msg and "truncated" in msg and "segment" in msg and "re-upload" in msg
+    assert "cut.tif" in msg and "past the end of the file" in msg and "segment" in msg and "re-upload" in msg
 
 
 def test_truncated_directory_is_refused_at_open():
@@ -312,6 +316,33 @@ def test_tiled_writer_round_trip(tmp_path, arr, channels, alpha, tile, ome):
         assert tif.is_ome is ome
         if not ome:
             assert page.description == "x4 test"
+
+
+def _half_reference(a: np.ndarray) -> np.ndarray:
+    """2x2 mean in float64, rounded half up, odd edge repeated: what a pyramid level should hold."""
+    p = np.pad(a.astype(np.float64), ((0, a.shape[0] % 2), (0, a.shape[1] % 2), (0, 0)), mode="edge")
+    return np.floor((p[0::2, 0::2] + p[1::2, 0::2] + p[0::2, 1::2] + p[1::2, 1::2]) / 4 + 0.5).astype(a.dtype)
+
+
+@pytest.mark.parametrize("ome", [True, False], ids=["ome", "plain"])
+def test_tiled_writer_pyramid(tmp_path, ome):
+    arr = RGB16[:699, :899]  # odd sizes: the last row and column are repeated when halving
+    path = tmp_path / "pyr.ome.tif"
+    with open(path, "wb") as fh:
+        write_tiled_tiff(fh, _bands(arr, [300, 1, 398]), height=699, width=899, channels=3, dtype=np.uint16,
+                         tile=(128, 128), ome=ome, pyramid=3, tmpdir=str(tmp_path))
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome is ome and len(tif.series) == 1
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(699, 899, 3), (350, 450, 3), (175, 225, 3), (88, 113, 3)]
+        ref = arr
+        for lv in levels:
+            np.testing.assert_array_equal(lv.asarray(), ref)
+            ref = _half_reference(ref)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pyr.ome.tif"]  # spool files are gone
+    with open(path, "rb") as fh, TiffSource(fh, name="pyr.ome.tif") as src:  # the reader takes level 0
+        assert (src.height, src.width) == (699, 899)
+        np.testing.assert_array_equal(src.read_region(600, 699, 800, 899), arr[600:, 800:])
 
 
 def test_tiled_writer_bands_are_checked(tmp_path):
@@ -475,7 +506,7 @@ _CHILD = textwrap.dedent(
         base = status("VmRSS:")
         with open(out_path, "wb") as out:
             write_tiled_tiff(out, bands(), height=src.height, width=src.width, channels=1, dtype=src.dtype,
-                             tile=(512, 512), predictor=True)
+                             tile=(512, 512), predictor=True, pyramid=2)
     print(base, status("VmHWM:"))
     """
 )
@@ -497,4 +528,7 @@ def test_streaming_memory_stays_bounded(tmp_path):
     print(f"streaming 4000x4000 uint16 (32 MB): RSS {base / 1e6:.1f} MB before, peak {peak / 1e6:.1f} MB, "
           f"growth {growth / 1e6:.1f} MB")
     assert growth < 20_000_000, f"peak RSS grew by {growth / 1e6:.1f} MB while streaming a 32 MB image"
-    np.testing.assert_array_equal(tifffile.imread(out), img)
+    with tifffile.TiffFile(out) as tif:
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(side, side), (side // 2, side // 2), (side // 4, side // 4)]
+        np.testing.assert_array_equal(levels[0].asarray(), img)

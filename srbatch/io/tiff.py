@@ -10,12 +10,14 @@
   imagecodecs`` makes it fast and is picked up automatically).
 * **Writing** (:func:`write_tiled_tiff`): a tiled BigTIFF from an iterator of row bands of any heights, re-chunked
   into rows of tiles and handed to tifffile as an iterator of tiles: at most one row of tiles plus one band in memory.
-  OME-TIFF metadata on request; no pyramid (sub-resolutions) is written.
+  OME-TIFF metadata on request; an optional pyramid (sub-resolutions as SubIFDs), each level spooled to a temporary
+  file while the level above is written, so memory stays bounded too.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -362,9 +364,39 @@ def _compression_arg(compression: str, level: int) -> tuple[Any, dict]:
     return code, args
 
 
+def _half(rows: np.ndarray) -> np.ndarray:
+    """2x2 mean, rounded half up, of ``(h, w, c)``; an odd last row or column is repeated: ``(ceil(h/2), ceil(w/2))``."""
+    h, w = rows.shape[:2]
+    if h % 2 or w % 2:
+        rows = np.pad(rows, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    acc = rows[0::2, 0::2].astype(np.uint32)
+    acc += rows[1::2, 0::2]
+    acc += rows[0::2, 1::2]
+    acc += rows[1::2, 1::2]
+    acc += 2
+    acc >>= 2
+    return acc.astype(rows.dtype)
+
+
+def _spooled_bands(spool: BinaryIO, *, height: int, width: int, samples: int, dtype: np.dtype,
+                   rows: int) -> Iterator[np.ndarray]:
+    """Read back, band by band, what :func:`_tiles` wrote to ``spool`` (raw native samples, row after row)."""
+    spool.seek(0)
+    for y in range(0, height, rows):
+        band = np.empty((min(rows, height - y), width, samples), dtype)
+        view = memoryview(band).cast("B")
+        got = spool.readinto(view)
+        if got != band.nbytes:
+            raise OSError(f"pyramid spool file: read {got} bytes, expected {band.nbytes}")
+        yield band
+
+
 def _tiles(bands: Iterable[np.ndarray], *, height: int, width: int, samples: int, dtype: np.dtype,
-           tile: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Yield tiles row by row, left to right, from row bands of any heights; edge tiles are cut (tifffile pads)."""
+           tile: tuple[int, int], spool: BinaryIO | None = None) -> Iterator[np.ndarray]:
+    """Yield tiles row by row, left to right, from row bands of any heights; edge tiles are cut (tifffile pads).
+
+    With ``spool``, each finished row of tiles is also halved (:func:`_half`) and appended to it, raw.
+    """
     th, tw = tile
     row = np.empty((min(th, height), width, samples), dtype)  # one row of tiles, reused
     have = 0
@@ -387,6 +419,8 @@ def _tiles(bands: Iterable[np.ndarray], *, height: int, width: int, samples: int
             start += take
             if have == th or (seen == height and start == band.shape[0]):
                 # copies: tifffile keeps the first item it peeks at, which must not pin a whole row
+                if spool is not None:
+                    spool.write(memoryview(_half(row[:have])).cast("B"))
                 for x in range(0, width, tw):
                     yield np.ascontiguousarray(row[:have, x:x + tw])
                 have = 0
@@ -398,7 +432,8 @@ def _tiles(bands: Iterable[np.ndarray], *, height: int, width: int, samples: int
 def write_tiled_tiff(fh: BinaryIO, bands: Iterable[np.ndarray], *, height: int, width: int, channels: int, dtype: Any,
                      tile: tuple[int, int] = (512, 512), compression: str = "zlib", level: int = 6, ome: bool = False,
                      icc_profile: bytes | None = None, description: str | None = None, has_alpha: bool = False,
-                     predictor: bool = False, maxworkers: int = 1) -> None:
+                     predictor: bool = False, maxworkers: int = 1, pyramid: int = 0,
+                     tmpdir: str | None = None) -> None:
     """Write a tiled BigTIFF (or OME-TIFF with ``ome=True``) from ``bands``, holding one row of tiles + one band.
 
     ``bands`` yields arrays ``(h_i, width, channels + has_alpha)`` of ``dtype`` (uint8 or uint16), alpha last, in
@@ -406,9 +441,18 @@ def write_tiled_tiff(fh: BinaryIO, bands: Iterable[np.ndarray], *, height: int, 
     sample. ``compression``: ``"zlib"`` (deflate, default, at ``level``), ``"none"``, or ``"zstd"``/``"lzma"``/
     ``"lzw"``/``"packbits"`` where available. ``predictor=True`` adds horizontal differencing (smaller deflate output
     for smooth images). ``fh`` is a local, seekable binary file: the directory is written after the tiles.
+    ``maxworkers`` threads compress tiles (tifffile; 1 = in the calling thread).
+
+    ``pyramid=n`` adds n sub-resolutions as SubIFDs (the OME-TIFF / QuPath / Bio-Formats pyramid layout; with
+    ``ome=False`` a plain pyramidal BigTIFF), each the 2x2 mean (rounded half up; odd last row/column repeated) of the
+    one above, size ``ceil(prev / 2)``. While a level is written, the next is spooled raw to a temporary file in
+    ``tmpdir`` (default: the system's), so memory stays one row of tiles + one band; extra disk: about a quarter of
+    the raw image at most at once.
+
+    Memory: one row of tiles (``tile[0] x width x samples``) + one band + a tile per worker.
 
     Raises :class:`ConfigError` for a wrong band shape/dtype or heights that do not add up -- then a partial file may
-    be left in ``fh``: the caller writes to a temporary file and removes it on any error. No pyramid is written.
+    be left in ``fh``: the caller writes to a temporary file and removes it on any error.
     """
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.uint8), np.dtype(np.uint16)):
@@ -422,34 +466,60 @@ def write_tiled_tiff(fh: BinaryIO, bands: Iterable[np.ndarray], *, height: int, 
         raise ConfigError(f"write_tiled_tiff: tile {tile} must be positive multiples of 16 (TIFF requires it)")
     samples = channels + int(has_alpha)
     code, cargs = _compression_arg(compression, level)
-    shape = (height, width, samples) if samples > 1 else (height, width)
-    band_iter = iter(bands)
-    tiles = _tiles(band_iter, height=height, width=width, samples=samples, dtype=dt, tile=(th, tw))
-    if samples == 1:
-        tiles = (t[:, :, 0] for t in tiles)
-    kwargs: dict[str, Any] = {
-        "shape": shape, "dtype": dt, "tile": (th, tw), "photometric": "rgb" if channels == 3 else "minisblack",
+    if not 0 <= pyramid <= 16 or (height >> pyramid) < 1 or (width >> pyramid) < 1:
+        raise ConfigError(f"write_tiled_tiff: pyramid={pyramid} levels do not fit a {height}x{width} image; expected "
+                          "0 (none) up to log2 of the shorter side")
+    common: dict[str, Any] = {
+        "dtype": dt, "tile": (th, tw), "photometric": "rgb" if channels == 3 else "minisblack",
         "planarconfig": "contig" if samples > 1 else None, "maxworkers": maxworkers,
     }
     if code is not None:
-        kwargs["compression"] = code
+        common["compression"] = code
         if cargs:
-            kwargs["compressionargs"] = cargs
+            common["compressionargs"] = cargs
         if predictor:
-            kwargs["predictor"] = True
+            common["predictor"] = True
     if has_alpha:
-        kwargs["extrasamples"] = ["unassalpha"]
+        common["extrasamples"] = ["unassalpha"]
+    first: dict[str, Any] = {}
     if icc_profile:
-        kwargs["iccprofile"] = icc_profile
+        first["iccprofile"] = icc_profile
+    if pyramid:
+        first["subifds"] = pyramid
     if ome:
-        kwargs["metadata"] = {"axes": "YXS" if samples > 1 else "YX"}
+        first["metadata"] = {"axes": "YXS" if samples > 1 else "YX"}
         if description:
-            kwargs["metadata"]["Description"] = description
+            first["metadata"]["Description"] = description
     else:
-        kwargs["metadata"] = None
+        first["metadata"] = None
         if description:
-            kwargs["description"] = description
-    with tifffile.TiffWriter(fh, bigtiff=True, ome=ome) as writer:
-        writer.write(tiles, **kwargs)
-    if next(band_iter, None) is not None:
-        raise ConfigError(f"the bands hold more than height={height} rows")
+            first["description"] = description
+    band_iter = iter(bands)
+    source: Iterator[np.ndarray] = band_iter
+    spool: BinaryIO | None = None
+    opened: list[BinaryIO] = []
+    h, w = height, width
+    try:
+        with tifffile.TiffWriter(fh, bigtiff=True, ome=ome) as writer:
+            for lvl in range(pyramid + 1):
+                # each level is written while the next, halved, is spooled raw to a temporary file (not to memory)
+                nxt = tempfile.TemporaryFile(dir=tmpdir) if lvl < pyramid else None  # noqa: SIM115
+                if nxt is not None:
+                    opened.append(nxt)
+                tiles = _tiles(source, height=h, width=w, samples=samples, dtype=dt, tile=(th, tw), spool=nxt)
+                if samples == 1:
+                    tiles = (t[:, :, 0] for t in tiles)
+                shape = (h, w, samples) if samples > 1 else (h, w)
+                extra = first if lvl == 0 else {"subfiletype": 1, "metadata": None}
+                writer.write(tiles, shape=shape, **common, **extra)
+                if lvl == 0 and next(band_iter, None) is not None:
+                    raise ConfigError(f"the bands hold more than height={height} rows")
+                if spool is not None:
+                    spool.close()  # that level is written: its disk space goes back now
+                spool = nxt
+                h, w = (h + 1) // 2, (w + 1) // 2
+                if spool is not None:
+                    source = _spooled_bands(spool, height=h, width=w, samples=samples, dtype=dt, rows=th)
+    finally:
+        for f in opened:
+            f.close()
