@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 import pytest
 import tifffile
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from PIL import Image
 
 from srbatch.errors import ConfigError, ImageDecodeError
@@ -221,6 +222,35 @@ def test_region_read_touches_only_its_segments_garbage_elsewhere():
     assert "spoiled.tif" in msg and "segment" in msg and "re-upload" in msg
 
 
+class _RangeFile(AbstractBufferedFile):
+    """fsspec's buffered remote file (the base of s3fs's S3File), serving byte ranges of ``data`` and recording them."""
+
+    def __init__(self, data: bytes, block_size: int) -> None:
+        self.data, self.fetched = data, []
+        super().__init__(AbstractFileSystem(), "s3://bucket/slide.tif", mode="rb", size=len(data),
+                         block_size=block_size)
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        self.fetched.append((start, end))
+        return self.data[start:end]
+
+
+def test_fsspec_remote_file_fetches_only_the_touched_tiles():
+    data = CASES["grey16-tiled-deflate-bigendian-bigtiff"]()
+    ref = tifffile.imread(io.BytesIO(data))
+    ranges = _tile_ranges(data)
+    across = -(-W // 128)
+    block = 4096
+    fh = _RangeFile(data, block)
+    with TiffSource(fh, name="s3://bucket/slide.tif") as src:
+        opened = len(fh.fetched)
+        np.testing.assert_array_equal(src.read_region(300, 400, 500, 700)[..., 0], ref[300:400, 500:700])
+    touched = [ranges[ty * across + tx] for ty in (2, 3) for tx in (3, 4, 5)]
+    fetched = sum(end - start for start, end in fh.fetched[opened:])
+    assert sum(c for _, c in touched) <= fetched <= sum(c for _, c in touched) + len(touched) * block
+    assert fetched < len(data) / 4
+
+
 def test_cache_is_bounded_in_bytes():
     data = CASES["rgb8-tiled-deflate"]()  # 128x128x3 = 48 KiB tiles
     fh = _Recording(data)
@@ -257,11 +287,38 @@ def test_truncated_directory_is_refused_at_open():
     assert "cutifd.tif" in str(err.value) and "re-upload" in str(err.value)
 
 
+def test_deflate_bomb_in_a_tile_is_not_inflated_past_the_tile():
+    import tracemalloc
+
+    tile = np.arange(128 * 128, dtype=np.uint16).reshape(128, 128)
+    bomb = zlib.compress(tile.tobytes() + bytes(64 << 20), 1)  # a valid tile followed by 64 MB of zeros
+    assert len(bomb) < 1 << 20
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, iter([bomb, zlib.compress(tile.tobytes())]), shape=(128, 256), dtype=np.uint16,
+                     tile=(128, 128), compression="zlib")
+    with TiffSource(io.BytesIO(buf.getvalue()), name="bomb.tif") as src:
+        tracemalloc.start()
+        try:
+            got = src.read_region(0, 128, 0, 256)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(got[..., 0], np.hstack([tile, tile]))
+    assert peak < 8 << 20, f"reading two 32 KiB tiles allocated {peak / 1e6:.0f} MB"
+
+
 def test_not_a_tiff_and_corrupt_header():
     for data in (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, b"II*\x00" + struct.pack("<I", 10**9) + b"\x00" * 100, b""):
         with pytest.raises(ImageDecodeError) as err:
             TiffSource(io.BytesIO(data), name="bad.tif")
         assert "bad.tif" in str(err.value) and "re-upload" in str(err.value)
+
+
+def test_several_planes_are_refused_with_the_axes():
+    data = _tifffile_bytes(np.stack([GREY8, GREY8, GREY8]), ome=True, tile=(128, 128))  # C, Y, X as 3 pages
+    with pytest.raises(ImageDecodeError) as err:
+        TiffSource(io.BytesIO(data), name="planes.ome.tif")
+    assert "planes.ome.tif" in str(err.value) and "3 planes" in str(err.value) and "CYX" in str(err.value)
 
 
 def test_unsupported_dtype_says_which_and_the_fix():

@@ -4,10 +4,11 @@
   :meth:`TiffSource.read_region` reads and decodes only the tiles or strips a region touches (their offsets and
   byte counts from the IFD, one ``seek`` + ``read`` each), through a small LRU cache of decoded segments bounded in
   bytes, so the halos of neighbouring regions do not decode a segment twice. Memory: O(region + touched segments).
-* **Codecs**: whatever tifffile decodes (none, deflate, packbits, zstd/lzma where Python has them; JPEG & co. with the
-  optional ``imagecodecs`` package), plus LZW without ``imagecodecs``: tifffile needs ``imagecodecs`` for LZW, so we
-  fall back to a pure-Python decoder here (correct but slow, about 2 MB/s of pixels on noisy data; ``pip install
-  imagecodecs`` makes it fast and is picked up automatically).
+* **Codecs**: none, deflate and LZW (predictor none or horizontal) are decoded here, never past a segment's size
+  (a deflate bomb in one tile cannot exhaust memory); LZW in pure Python when ``imagecodecs`` is missing (correct but
+  slow, about 2 MB/s of pixels on noisy data; with ``imagecodecs`` installed, tifffile's fast LZW is used). Everything
+  else goes through tifffile's ``TiffPage.decode`` (packbits, lzma, zstd on Python 3.14; JPEG & co. with the optional
+  ``imagecodecs`` package -- the error says so when it is missing).
 * **Writing** (:func:`write_tiled_tiff`): a tiled BigTIFF from an iterator of row bands of any heights, re-chunked
   into rows of tiles and handed to tifffile as an iterator of tiles: at most one row of tiles plus one band in memory.
   OME-TIFF metadata on request; an optional pyramid (sub-resolutions as SubIFDs), each level spooled to a temporary
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -36,6 +38,7 @@ DEFAULT_CACHE_BYTES = 64 * 2**20
 _FIX = "re-export or re-upload the file"
 _MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _LZW = 5
+_OWN_CODECS = {1, 8, 32946, _LZW}  # none, deflate (Adobe and old), LZW
 _PHOTOMETRIC_NAMES = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette", 4: "mask", 5: "separated (CMYK)",
                       6: "ycbcr", 8: "cielab"}
 _COMPRESSIONS = {"none": 1, "zlib": 8, "deflate": 8, "adobe_deflate": 8, "lzw": 5, "zstd": 50000, "lzma": 34925,
@@ -47,8 +50,8 @@ def is_tiff(head: bytes) -> bool:
     return bytes(head[:4]) in _MAGIC
 
 
-def _lzw_decode(data: bytes) -> bytes:
-    """Decode TIFF LZW (codes of 9 to 12 bits, most significant bit first, "early change")."""
+def _lzw_decode(data: bytes, limit: int | None = None) -> bytes:
+    """Decode TIFF LZW (codes of 9 to 12 bits, most significant bit first, "early change"), at most ``limit`` bytes."""
     out = bytearray()
     table: list[bytes] = [bytes((i,)) for i in range(256)] + [b"", b""]
     n = len(data)
@@ -79,6 +82,8 @@ def _lzw_decode(data: bytes) -> bytes:
         else:
             raise ValueError(f"LZW code {code} beyond the table ({len(table)} entries)")
         out += entry
+        if limit is not None and len(out) >= limit:
+            break
         prev = entry
         size = len(table)
         nbits = 9 if size < 511 else 10 if size < 1023 else 11 if size < 2047 else 12
@@ -208,13 +213,16 @@ class TiffSource:
             self.compression = tifffile.COMPRESSION(comp).name.lower()
         except ValueError:
             self.compression = str(comp)
-        self._own_lzw = comp == _LZW and not _lzw_available_in_tifffile()
-        if self._own_lzw:
-            if int(page.predictor) not in (1, 2):
-                raise self._fail(f"LZW with predictor {int(page.predictor)} needs the 'imagecodecs' package",
-                                 "pip install imagecodecs, or re-export with deflate")
-            log.info("%s: LZW decoded in pure Python (slow); `pip install imagecodecs` makes it fast", self.name)
+        predictor = int(page.predictor)
+        self._lzw_in_tifffile = comp == _LZW and _lzw_available_in_tifffile()
+        if comp in _OWN_CODECS and predictor in (1, 2) and not self._lzw_in_tifffile:
+            # decoded here, with the output bounded by the segment's size (tifffile's pure-Python zlib fallback
+            # inflates without a limit: a deflate bomb in one segment would exhaust memory)
             self._decode = None
+            self._comp, self._predictor = comp, predictor
+            self._filetype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
+            if comp == _LZW:
+                log.info("%s: LZW decoded in pure Python (slow); `pip install imagecodecs` makes it fast", self.name)
         else:
             self._decode = page.decode
         self._jpegtables = page.jpegtables
@@ -314,7 +322,7 @@ class TiffSource:
             raise self._fail(f"{where}: only {len(data)} bytes could be read: the file is truncated")
         try:
             if self._decode is None:
-                arr = self._decode_lzw(data, shape)
+                arr = self._decode_own(data, shape)
             else:
                 arr, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
                 arr = arr.reshape(arr.shape[-3:])
@@ -329,16 +337,20 @@ class TiffSource:
             raise self._fail(f"{where} decoded to shape {arr.shape}, expected {shape}")
         return np.ascontiguousarray(arr[: shape[0], : shape[1]], dtype=self.dtype)
 
-    def _decode_lzw(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-        raw = _lzw_decode(data)
-        page = self._page
-        filetype = np.dtype(page.dtype).newbyteorder(self._tif.byteorder)
-        size = shape[0] * shape[1] * shape[2]
-        flat = np.frombuffer(raw, dtype=filetype, count=min(size, len(raw) // filetype.itemsize))
-        if flat.size < size:
-            raise ValueError(f"LZW data holds {flat.size} samples, {size} expected")
-        arr = flat.reshape(shape).astype(self.dtype)
-        if int(page.predictor) == 2:  # horizontal differencing: cumulative sum along the row, modulo 2**bits
+    def _decode_own(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+        """Uncompressed, deflate or LZW, predictor none or horizontal; never inflates past the segment's size."""
+        size = shape[0] * shape[1] * shape[2] * self._filetype.itemsize
+        if self._comp == 1:
+            raw = data
+        elif self._comp == _LZW:
+            raw = _lzw_decode(data, limit=size)
+        else:
+            raw = zlib.decompressobj().decompress(data, size)
+        if len(raw) < size:
+            raise ValueError(f"the data decompressed to {len(raw)} bytes, {size} expected")
+        arr = np.frombuffer(raw, dtype=self._filetype, count=size // self._filetype.itemsize).reshape(shape)
+        arr = arr.astype(self.dtype)  # native byte order, and a writable copy
+        if self._predictor == 2:  # horizontal differencing: cumulative sum along the row, modulo 2**bits
             np.cumsum(arr, axis=1, dtype=self.dtype, out=arr)
         return arr
 
