@@ -548,6 +548,7 @@ def test_png_stream_bands_are_checked():
 _CHILD = textwrap.dedent(
     """
     import sys, numpy as np
+    from srbatch.io.pngstream import write_png_stream
     from srbatch.io.tiff import TiffSource, write_tiled_tiff
 
     def status(key):
@@ -555,37 +556,60 @@ _CHILD = textwrap.dedent(
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
 
-    src_path, out_path, band = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    src_path, out_path, band, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     with open(src_path, "rb") as fh, TiffSource(fh, name=src_path, cache_bytes=4 << 20) as src:
         def bands():
             for y in range(0, src.height, band):
                 yield src.read_region(y, min(y + band, src.height), 0, src.width)
         base = status("VmRSS:")
         with open(out_path, "wb") as out:
-            write_tiled_tiff(out, bands(), height=src.height, width=src.width, channels=1, dtype=src.dtype,
-                             tile=(512, 512), predictor=True, pyramid=2)
+            if mode == "tiff":
+                write_tiled_tiff(out, bands(), height=src.height, width=src.width, channels=1, dtype=src.dtype,
+                                 tile=(256, 256), predictor=True, pyramid=2)
+            else:
+                write_png_stream(out, bands(), height=src.height, width=src.width, channels=1, dtype=src.dtype)
     print(base, status("VmHWM:"))
     """
 )
 
 
-def test_streaming_memory_stays_bounded(tmp_path):
+@pytest.fixture(scope="module")
+def big_tiff(tmp_path_factory):
     side = 4000
     y, x = np.mgrid[0:side, 0:side]
     img = ((x * 7 + y * 3) % 65536).astype(np.uint16) ^ RNG.integers(0, 64, (side, side), dtype=np.uint16)
     del x, y
-    src, out = tmp_path / "big.tif", tmp_path / "out.tif"
-    tifffile.imwrite(src, img, tile=(256, 256), compression="zlib", compressionargs={"level": 1})
+    path = tmp_path_factory.mktemp("big") / "big.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), compression="zlib", compressionargs={"level": 1})
     assert img.nbytes == 32_000_000
-    run = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), "200"], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return path, img
+
+
+def _stream_in_child(src, out, mode: str) -> int:
+    run = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), "200", mode], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     base, peak = map(int, run.stdout.split())
     growth = peak - base
-    print(f"streaming 4000x4000 uint16 (32 MB): RSS {base / 1e6:.1f} MB before, peak {peak / 1e6:.1f} MB, "
+    print(f"streaming 4000x4000 uint16 (32 MB) to {mode}: RSS {base / 1e6:.1f} MB before, peak {peak / 1e6:.1f} MB, "
           f"growth {growth / 1e6:.1f} MB")
-    assert growth < 20_000_000, f"peak RSS grew by {growth / 1e6:.1f} MB while streaming a 32 MB image"
+    assert growth < 20_000_000, f"peak RSS grew by {growth / 1e6:.1f} MB while streaming a 32 MB image to {mode}"
+    return growth
+
+
+def test_streaming_tiff_memory_stays_bounded(tmp_path, big_tiff):
+    src, img = big_tiff
+    out = tmp_path / "out.tif"
+    _stream_in_child(src, out, "tiff")
     with tifffile.TiffFile(out) as tif:
         levels = tif.series[0].levels
-        assert [lv.shape for lv in levels] == [(side, side), (side // 2, side // 2), (side // 4, side // 4)]
+        assert [lv.shape for lv in levels] == [(4000, 4000), (2000, 2000), (1000, 1000)]
         np.testing.assert_array_equal(levels[0].asarray(), img)
+
+
+def test_streaming_png_memory_stays_bounded(tmp_path, big_tiff):
+    src, img = big_tiff
+    out = tmp_path / "out.png"
+    _stream_in_child(src, out, "png")
+    dec = decode_image(out.read_bytes(), name="out.png", max_pixels=img.size)
+    np.testing.assert_array_equal(dec.pixels[..., 0], img)
