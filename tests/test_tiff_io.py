@@ -76,6 +76,9 @@ CASES = {
     "rgb8-strips-lzw-pillow": lambda: _pillow_lzw(RGB8),
     "grey16-strips-lzw-pillow": lambda: _pillow_lzw(GREY16),
     "rgb8-strips-lzw-predictor-pillow": lambda: _pillow_lzw(RGB8, tiffinfo={317: 2}),
+    "rgb16-one-strip-none": lambda: _tifffile_bytes(RGB16, photometric="rgb"),  # one 3.8 MB strip, read in blocks
+    "rgb16-one-strip-none-separate": lambda: _tifffile_bytes(np.ascontiguousarray(RGB16.transpose(2, 0, 1)),
+                                                             photometric="rgb", planarconfig="separate"),
     "grey16-strips-lzw-predictor-pillow": lambda: _pillow_lzw(GREY16, tiffinfo={317: 2}),
 }
 EXPECTED = {  # channels, has_alpha, dtype, tiled, segment_shape (None: from tifffile), bigtiff, is_ome, compression
@@ -90,6 +93,8 @@ EXPECTED = {  # channels, has_alpha, dtype, tiled, segment_shape (None: from tif
     "rgb8-strips-lzw-pillow": (3, False, np.uint8, False, None, False, False, "lzw"),
     "grey16-strips-lzw-pillow": (1, False, np.uint16, False, None, False, False, "lzw"),
     "rgb8-strips-lzw-predictor-pillow": (3, False, np.uint8, False, None, False, False, "lzw"),
+    "rgb16-one-strip-none": (3, False, np.uint16, False, (175, W), False, False, "none"),
+    "rgb16-one-strip-none-separate": (3, False, np.uint16, False, (350, W), False, False, "none"),
     "grey16-strips-lzw-predictor-pillow": (1, False, np.uint16, False, None, False, False, "lzw"),
 }
 REGIONS = [
@@ -109,7 +114,7 @@ SOURCES = {  # the array each case was written from
     "grey16-strips-none-bigendian": GREY16, "grey8-tiled-ome": GREY8, "rgb16-tiled-separate-planes": RGB16,
     "rgba8-tiled-none": RGBA8, "grey16-tiled-lzma": GREY16, "rgb8-strips-lzw-pillow": RGB8,
     "grey16-strips-lzw-pillow": GREY16, "rgb8-strips-lzw-predictor-pillow": RGB8,
-    "grey16-strips-lzw-predictor-pillow": GREY16,
+    "grey16-strips-lzw-predictor-pillow": GREY16, "rgb16-one-strip-none": RGB16, "rgb16-one-strip-none-separate": RGB16,
 }
 
 
@@ -249,6 +254,22 @@ def test_fsspec_remote_file_fetches_only_the_touched_tiles():
     fetched = sum(end - start for start, end in fh.fetched[opened:])
     assert sum(c for _, c in touched) <= fetched <= sum(c for _, c in touched) + len(touched) * block
     assert fetched < len(data) / 4
+
+
+def test_one_uncompressed_strip_is_read_in_row_blocks():
+    data = CASES["rgb16-one-strip-none"]()  # tifffile (and Pillow) write an uncompressed image as ONE strip
+    (offset, count), = _tile_ranges(data)
+    assert count == RGB16.nbytes
+    fh = _Recording(data)
+    with TiffSource(fh, name="one.tif") as src:
+        fh.recording = True
+        np.testing.assert_array_equal(src.read_region(200, 210, 5, 7), RGB16[200:210, 5:7])
+        rowbytes = W * 3 * 2
+        assert fh.reads == [(offset + 175 * rowbytes, 175 * rowbytes)]  # rows 175..349 only: 0.9 MB of 3.8 MB
+    with TiffSource(io.BytesIO(data[: offset + 500 * rowbytes]), name="one-cut.tif") as src:
+        src.read_region(0, 350, 0, W)
+        with pytest.raises(ImageDecodeError, match=r"one-cut.tif: segment 0 .*image rows 350..524.*truncated"):
+            src.read_region(0, H, 0, W)
 
 
 def test_cache_is_bounded_in_bytes():

@@ -39,6 +39,7 @@ _FIX = "re-export or re-upload the file"
 _MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _LZW = 5
 _OWN_CODECS = {1, 8, 32946, _LZW}  # none, deflate (Adobe and old), LZW
+_SPLIT_BYTES = 1 << 20  # uncompressed strips are read in row blocks of at most this many bytes
 _PHOTOMETRIC_NAMES = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette", 4: "mask", 5: "separated (CMYK)",
                       6: "ycbcr", 8: "cielab"}
 _COMPRESSIONS = {"none": 1, "zlib": 8, "deflate": 8, "adobe_deflate": 8, "lzw": 5, "zstd": 50000, "lzma": 34925,
@@ -107,8 +108,13 @@ class TiffSource:
     ``name`` names the file in error messages. Attributes: ``height``, ``width``, ``channels`` (1 grey or 3 RGB, alpha
     not counted), ``has_alpha`` (a 4th -- or, for grey, 2nd -- sample: returned as the last channel of
     :meth:`read_region`), ``dtype`` (``np.uint8`` or ``np.uint16``), ``tiled``, ``segment_shape`` (rows, columns of a
-    tile or strip), ``bigtiff``, ``is_ome``, ``icc_profile`` (bytes or None), ``compression`` (tifffile's name, lower
+    tile or strip -- an uncompressed strip is read in blocks of rows of at most 1 MiB, and this gives the block),
+    ``bigtiff``, ``is_ome``, ``icc_profile`` (bytes or None), ``compression`` (tifffile's name, lower
     case, e.g. ``"adobe_deflate"``, ``"lzw"``, ``"none"``).
+
+    Memory while reading: the region, the touched segments and the cache (``cache_bytes``, default 64 MB). A large
+    *compressed* strip must be decoded whole (a striped deflate image written as one strip decodes whole once, then
+    comes from the cache if it fits): such files are better re-exported tiled.
 
     Thread-safe: file reads and the cache are behind one lock.
     """
@@ -226,6 +232,19 @@ class TiffSource:
         else:
             self._decode = page.decode
         self._jpegtables = page.jpegtables
+        # An uncompressed strip is read in row blocks ("virtual sub-strips") of at most _SPLIT_BYTES: tifffile and
+        # Pillow write uncompressed images as ONE strip, which would otherwise be read whole for every region.
+        self._split = 1
+        self._rowbytes = self.width * (1 if self._planar_separate else samples) * self.dtype.itemsize
+        strip_rows = self.segment_shape[0]
+        if not self.tiled and self._decode is None and comp == 1 and strip_rows * self._rowbytes > _SPLIT_BYTES:
+            k = max((d for d in range(1, strip_rows + 1)
+                     if strip_rows % d == 0 and d * self._rowbytes <= _SPLIT_BYTES), default=1)
+            self._split = strip_rows // k
+            self._strips_per_plane = self._per_plane
+            self.segment_shape = (k, self.width)
+            self._down = -(-self.height // k)
+            self._per_plane = self._down
         self._file_size = int(tif.filehandle.size)
 
     # --------------------------------------------------------------- context
@@ -303,10 +322,31 @@ class TiffSource:
         start = (index % self._per_plane) * rows
         return min(rows, self.height - start), cols, samples
 
+    def _locate(self, index: int, shape: tuple[int, int, int]) -> tuple[int, int, str]:
+        """Byte offset, byte count and a description of segment ``index`` (a virtual sub-strip when split)."""
+        if self._split == 1:
+            offset, count = self._offsets[index], self._counts[index]
+            kind = "tile" if self.tiled else "strip"
+            return offset, count, f"segment {index} ({kind} at byte offset {offset}, {count} bytes)"
+        plane, v = divmod(index, self._per_plane)
+        strip, sub = divmod(v, self._split)
+        real = plane * self._strips_per_plane + strip
+        offset, count = self._offsets[real], self._counts[real]
+        start = sub * self.segment_shape[0] * self._rowbytes
+        need = shape[0] * self._rowbytes
+        first = v * self.segment_shape[0]
+        sample = f" of sample {plane}" if self._planar_separate else ""
+        where = (f"segment {real} (strip at byte offset {offset}, {count} bytes), image rows "
+                 f"{first}..{first + shape[0] - 1}{sample} at bytes {offset + start}..{offset + start + need - 1}")
+        if count == 0 or offset == 0:
+            return 0, 0, where
+        if start + need > count:
+            raise self._fail(f"{where} holds {count} bytes, {start + need} needed: the strip is short")
+        return offset + start, need, where
+
     def _load(self, index: int) -> np.ndarray:
-        offset, count = self._offsets[index], self._counts[index]
         shape = self._expected_shape(index)
-        where = f"segment {index} ({'tile' if self.tiled else 'strip'} at byte offset {offset}, {count} bytes)"
+        offset, count, where = self._locate(index, shape)
         if count == 0 or offset == 0:  # sparse file: a segment never written reads as zeros
             return np.zeros(shape, self.dtype)
         if offset + count > self._file_size:
@@ -377,7 +417,7 @@ def _compression_arg(compression: str, level: int) -> tuple[Any, dict]:
 
 
 def _half(rows: np.ndarray) -> np.ndarray:
-    """2x2 mean, rounded half up, of ``(h, w, c)``; an odd last row or column is repeated: ``(ceil(h/2), ceil(w/2))``."""
+    """2x2 mean, rounded half up, of ``(h, w, c)``; an odd last row/column is repeated: ``(ceil(h/2), ceil(w/2))``."""
     h, w = rows.shape[:2]
     if h % 2 or w % 2:
         rows = np.pad(rows, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
