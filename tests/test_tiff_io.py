@@ -76,6 +76,9 @@ CASES = {
     "rgb8-strips-lzw-pillow": lambda: _pillow_lzw(RGB8),
     "grey16-strips-lzw-pillow": lambda: _pillow_lzw(GREY16),
     "rgb8-strips-lzw-predictor-pillow": lambda: _pillow_lzw(RGB8, tiffinfo={317: 2}),
+    "greyalpha16-tiled-deflate": lambda: _tifffile_bytes(np.dstack([GREY16, GREY16[::-1]]), tile=(128, 128),
+                                                         photometric="minisblack", extrasamples=["unassalpha"],
+                                                         compression="zlib"),
     "rgb16-one-strip-none": lambda: _tifffile_bytes(RGB16, photometric="rgb"),  # one 3.8 MB strip, read in blocks
     "rgb16-one-strip-none-separate": lambda: _tifffile_bytes(np.ascontiguousarray(RGB16.transpose(2, 0, 1)),
                                                              photometric="rgb", planarconfig="separate"),
@@ -93,6 +96,7 @@ EXPECTED = {  # channels, has_alpha, dtype, tiled, segment_shape (None: from tif
     "rgb8-strips-lzw-pillow": (3, False, np.uint8, False, None, False, False, "lzw"),
     "grey16-strips-lzw-pillow": (1, False, np.uint16, False, None, False, False, "lzw"),
     "rgb8-strips-lzw-predictor-pillow": (3, False, np.uint8, False, None, False, False, "lzw"),
+    "greyalpha16-tiled-deflate": (1, True, np.uint16, True, (128, 128), False, False, "adobe_deflate"),
     "rgb16-one-strip-none": (3, False, np.uint16, False, (175, W), False, False, "none"),
     "rgb16-one-strip-none-separate": (3, False, np.uint16, False, (350, W), False, False, "none"),
     "grey16-strips-lzw-predictor-pillow": (1, False, np.uint16, False, None, False, False, "lzw"),
@@ -114,7 +118,8 @@ SOURCES = {  # the array each case was written from
     "grey16-strips-none-bigendian": GREY16, "grey8-tiled-ome": GREY8, "rgb16-tiled-separate-planes": RGB16,
     "rgba8-tiled-none": RGBA8, "grey16-tiled-lzma": GREY16, "rgb8-strips-lzw-pillow": RGB8,
     "grey16-strips-lzw-pillow": GREY16, "rgb8-strips-lzw-predictor-pillow": RGB8,
-    "grey16-strips-lzw-predictor-pillow": GREY16, "rgb16-one-strip-none": RGB16, "rgb16-one-strip-none-separate": RGB16,
+    "grey16-strips-lzw-predictor-pillow": GREY16, "rgb16-one-strip-none": RGB16,
+    "greyalpha16-tiled-deflate": np.dstack([GREY16, GREY16[::-1]]), "rgb16-one-strip-none-separate": RGB16,
 }
 
 
