@@ -179,6 +179,17 @@ def reference_pair(
     return lr_img, hr_px
 
 
+def paper_model(desc: ModelDescriptor) -> ModelDescriptor:
+    """``desc``, except that the bicubic model becomes the float64 MATLAB-exact one (the paper convention's bicubic;
+    the jobs run the fast float32 one, which differs by one level on about 1e-5 of the samples)."""
+    from srbatch.models.loader import build_model
+
+    if desc.architecture == "bicubic" and not desc.hparams.get("exact"):
+        exact = build_model("bicubic", **{**desc.hparams, "exact": True})
+        return replace(desc, module=exact.module, hparams=exact.hparams)
+    return desc
+
+
 def evaluate(
     model: str | ModelDescriptor,
     *,
@@ -202,14 +213,11 @@ def evaluate(
     ``precision`` is one of :data:`PRECISION_MODES`.
     """
     from srbatch.inference import TilingConfig, Upscaler
-    from srbatch.models.loader import build_model, load_model
+    from srbatch.models.loader import load_model
 
     if scale < 1:
         raise ConfigError(f"scale must be >= 1; got {scale}")
-    desc = model if isinstance(model, ModelDescriptor) else load_model(model, scale=scale)
-    if desc.architecture == "bicubic" and not desc.hparams.get("exact"):  # the paper's bicubic: float64, not fast
-        exact = build_model("bicubic", **{**desc.hparams, "exact": True})
-        desc = replace(desc, module=exact.module, hparams=exact.hparams)
+    desc = paper_model(model if isinstance(model, ModelDescriptor) else load_model(model, scale=scale))
     if desc.scale != scale:
         raise ConfigError(f"model {desc.name} is x{desc.scale}; evaluate it with --scale {desc.scale}")
     border = scale if crop_border is None else int(crop_border)

@@ -94,7 +94,7 @@ class CompareWorker(ModelActor):
         self._start_model(self.spec, scale=self.cfg.scale, storage_options=self.cfg.fs_options(),
                           device=self.cfg.device, dtype=self.cfg.dtype, tiling=TilingConfig(tile=self.cfg.tile),
                           torch_threads=torch_threads, label=label, max_memory=self.cfg.max_memory_bytes(),
-                          memory_share=memory_share)  # fmt: skip
+                          memory_share=memory_share, paper=mode == "reference")  # fmt: skip
         self.params = sum(p.numel() for p in self.desc.module.parameters())
         self.precision = resolve_precision(self.cfg.precision, self.desc)  # as `upscale_and_measure` resolves it
 

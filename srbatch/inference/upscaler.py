@@ -323,12 +323,13 @@ class Upscaler:
 
     def plan(
         self, height: int, width: int, *, channels: int = 3, has_alpha: bool = False, itemsize: int = 1,
-        hold_input: bool = False, hold_output: bool = True,
+        hold_input: bool = False, hold_output: bool = True, reserve: int = 0,
     ) -> RegionPlan:
         """How an image of ``height x width`` is cut into regions under the memory budget.
 
         ``hold_input``/``hold_output``: the whole input / output array stays in memory (decoded images; array
         outputs) and counts against the budget; otherwise only a band of output rows is held (streamed writers).
+        ``reserve``: bytes the caller holds besides (a reader's cache, a writer's buffers), also counted.
         The working set of a region comes from measuring this upscaler on two small probe regions (once per
         channel layout), so it holds for any architecture. Images of up to :data:`PROBE_PIXELS` are run whole
         without measuring. Raises :class:`InferenceError` when not even a small region fits.
@@ -338,6 +339,7 @@ class Upscaler:
         m = max(int(self.info.size_multiple), 1)
         integer = None if self.outscale is not None else int(self.info.scale)
         held = (height * width * ct * itemsize if hold_input else 0) + (oh * ow * ct * itemsize if hold_output else 0)
+        held += int(reserve)
         if height * width <= PROBE_PIXELS:
             plan = plan_regions(height=height, width=width, out_height=oh, out_width=ow, halo=self.halo, multiple=m,
                                 integer_scale=integer, fits=lambda _h, _w: None, budget=None)  # fmt: skip

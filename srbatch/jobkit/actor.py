@@ -66,6 +66,7 @@ class ModelActor:
         label: str | None = None,
         max_memory: int | None = None,
         memory_share: float = 0.5,
+        paper: bool = False,
     ) -> None:
         """Load ``spec`` once, build the :class:`~srbatch.inference.Upscaler` on the actor's device (``auto``: CUDA
         when torch sees a GPU) with ``tiling`` (a ``TilingConfig``, or a function of the loaded model's descriptor
@@ -81,6 +82,10 @@ class ModelActor:
             torch.set_num_threads(torch_threads)
         t0 = time.perf_counter()
         self.desc = load_model(spec, scale=scale, sha256=sha256, storage_options=storage_options)
+        if paper:  # figures in the paper convention: the MATLAB-exact bicubic, as `srbatch evaluate`
+            from srbatch.evaluate import paper_model
+
+            self.desc = paper_model(self.desc)
         if callable(tiling):
             tiling = tiling(self.desc)
         self.up = Upscaler(self.desc, device=device, dtype=dtype, tiling=tiling, outscale=outscale,

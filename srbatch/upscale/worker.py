@@ -40,6 +40,8 @@ STREAM_INPUT_PIXELS = 64 * 1024**2
 region by region (tile by tile), never decoded whole; they are not subject to the decompression-bomb limit, which
 guards formats that must be decoded whole."""
 _TIFF_EXT = (".tif", ".tiff", ".btf", ".tf8")
+_BLOCK = 4 * 1024**2  # read-ahead of a streamed TIFF on object storage (s3fs's default of 50 MiB is for whole reads)
+_TILE = (512, 512)  # tiles of streamed TIFF outputs
 
 
 class _Whole:
@@ -68,6 +70,13 @@ def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
     if alpha is not None:
         base += "A"
     return base + (";16" if pixels.dtype == np.uint16 else "")
+
+
+def is_local_path(fh: Any) -> bool:
+    """True for a plain local file object (no read-ahead buffer of its own to count)."""
+    import io
+
+    return isinstance(fh, io.BufferedReader)
 
 
 def _read_local(path: str) -> bytes:
@@ -190,9 +199,9 @@ class UpscaleWorker(ModelActor):
             fs, path = filesystem(uri, self.so)
         else:
             path = fs._strip_protocol(uri)
-        fh = open(path, "rb") if is_local(fs) else fs.open(path, "rb", block_size=4 * 1024**2, cache_type="bytes")
+        fh = open(path, "rb") if is_local(fs) else fs.open(path, "rb", block_size=_BLOCK, cache_type="bytes")
         try:
-            source = TiffSource(fh, name=uri)
+            source = TiffSource(fh, name=uri, cache_bytes=self._cache_bytes())
         except ImageDecodeError:
             fh.close()
             return None
@@ -207,6 +216,10 @@ class UpscaleWorker(ModelActor):
             return None
         size = int(fs.size(path) or 0)
         return _StreamedTiff(source, fh, size)
+
+    def _cache_bytes(self) -> int:
+        """The decoded-tile cache of a streamed TIFF: an eighth of the budget, between 8 and 64 MiB."""
+        return int(min(64 * 1024**2, max(8 * 1024**2, self.up.budget() // 8)))
 
     def _write(self, uri: str, data: bytes, fs: Any) -> float:
         from srbatch.errors import StorageError
@@ -281,8 +294,15 @@ class UpscaleWorker(ModelActor):
                 return np.concatenate([pix[y0:y1, x0:x1], al[y0:y1, x0:x1, None]], axis=2)
 
         t0 = time.perf_counter()
+        ct = c + int(has_alpha)
+        reserve = 0
+        if isinstance(src, _StreamedTiff):  # its tile cache and read-ahead
+            reserve += self._cache_bytes() + (0 if is_local_path(src.fh) else 2 * _BLOCK)
+        oh0, ow0 = self.up.output_size(h, w)
+        # the writer: a row of tiles (TIFF) or filter buffers (PNG); alpha bands are joined to the colour in a copy
+        reserve += 2 * _TILE[0] * ow0 * ct * dtype.itemsize if self.cfg.format == "TIFF" else 4 * 1024**2
         plan = self.up.plan(h, w, channels=c, has_alpha=has_alpha, itemsize=dtype.itemsize, hold_input=held,
-                            hold_output=False)  # fmt: skip
+                            hold_output=False, reserve=reserve)  # fmt: skip
         self._record_plan(row)
         oh, ow = plan.out_height, plan.out_width
         timing = {"infer": time.perf_counter() - t0}
@@ -310,7 +330,7 @@ class UpscaleWorker(ModelActor):
                 from srbatch.io.tiff import write_tiled_tiff
 
                 write_tiled_tiff(fh, bands(), height=oh, width=ow, channels=c, dtype=dtype, has_alpha=has_alpha,
-                                 icc_profile=icc)  # fmt: skip
+                                 icc_profile=icc, tile=_TILE)  # fmt: skip
 
         from srbatch.io.storage import filesystem
 
