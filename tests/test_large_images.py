@@ -253,7 +253,7 @@ def _tiff_bytes(arr: np.ndarray, tile: int = 256) -> bytes:
 
 @pytest.mark.slow
 def test_job_on_s3_streams_a_large_tiff_and_fails_broken_ones(ray_cluster, s3_bucket) -> None:
-    """Through the Ray job on the local S3 server with --max-memory 48MiB: a 3000x3000 16-bit TIFF is read region by
+    """Through the Ray job on the local S3 server with --max-memory 64MiB: a 3000x3000 16-bit TIFF is read region by
     region from S3 and written as a tiled BigTIFF equal to the engine's untiled output; a truncated and a corrupt TIFF
     are failed rows naming the file; a photo is tiled in memory and recorded as tiled."""
     import io
@@ -278,7 +278,7 @@ def test_job_on_s3_streams_a_large_tiff_and_fails_broken_ones(ray_cluster, s3_bu
     Image.fromarray(photo).save(buf, "PNG")
     fs.pipe_file(f"{s3_bucket}/in/photo.png", buf.getvalue())
     cfg = UpscaleConfig(input=f"s3://{s3_bucket}/in/", output=f"s3://{s3_bucket}/out/", model="bicubic", scale=2,
-                        format="TIFF", max_memory="48MiB", progress=False, max_failed_fraction=1.0)  # fmt: skip
+                        format="TIFF", max_memory="64MiB", progress=False, max_failed_fraction=1.0)  # fmt: skip
     run_job(cfg)
     rows = {r["input_uri"].rsplit("/", 1)[1]: r for r in read_manifest(cfg.output, cfg.fs_options()).to_pylist()}
     slide = rows["slide.tif"]

@@ -20,7 +20,7 @@ import torch
 
 from srbatch.errors import ConfigError
 
-__all__ = ["available_memory", "format_bytes", "measure_peak", "parse_bytes", "peak_rss", "rss"]
+__all__ = ["available_memory", "bound_heap", "format_bytes", "measure_peak", "parse_bytes", "peak_rss", "rss"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
@@ -143,6 +143,24 @@ def _trim_heap() -> None:
             _LIBC = None
     if _LIBC:
         _LIBC.malloc_trim(0)
+
+
+_HEAP_BOUND = False
+
+
+def bound_heap() -> None:
+    """Make glibc return large freed blocks to the system at once (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, which also
+    stops glibc raising that threshold as blocks are freed). Without it, regions of slightly different sizes leave
+    freed blocks on the heap that later ones cannot reuse, and the peak RSS of a long tiled image creeps 20-30% over
+    the plan. Process-wide, once; a no-op off glibc. Large allocations then cost an mmap each: negligible next to a
+    region's compute."""
+    global _HEAP_BOUND
+    if _HEAP_BOUND:
+        return
+    _HEAP_BOUND = True
+    _trim_heap()  # loads libc
+    if _LIBC and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
 
 
 def measure_peak(fn: Callable[[], object], device: torch.device) -> int | None:

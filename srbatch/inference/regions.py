@@ -102,6 +102,7 @@ def plan_regions(
     fits: Callable[[int, int], int | None],
     budget: int | None,
     min_core: int = 16,
+    advice: str = "raise --max-memory (max_memory=...)",
 ) -> RegionPlan:
     """The plan with the largest regions for which ``fits(core_h, core_w)`` returns an estimate (None: too big).
 
@@ -148,7 +149,6 @@ def plan_regions(
     if side is None:
         raise InferenceError(
             f"a {width}x{height} image needs more memory than the budget of {format_bytes(budget)} even in "
-            f"{side_min}x{side_min} regions (its held input/output arrays included); raise --max-memory (max_memory=...), or write PNG/TIFF, which "
-            "are streamed and need no whole output in memory"
+            f"{side_min}x{side_min} regions (its held arrays and buffers included); {advice}"
         )
     return make(min(side, height), min(side, width), fits(min(side, height), min(side, width)))

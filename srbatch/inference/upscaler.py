@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from srbatch.errors import ConfigError, InferenceError
 from srbatch.inference.colorspace import GREY_WEIGHTS, from_model_space, model_channels, to_model_space
-from srbatch.inference.memory import available_memory, format_bytes, measure_peak, parse_bytes
+from srbatch.inference.memory import available_memory, bound_heap, format_bytes, measure_peak, parse_bytes
 from srbatch.inference.regions import RegionPlan, plan_regions
 from srbatch.inference.tiling import TilingConfig, ceil_to, run_tiled
 from srbatch.io.images import DecodedImage
@@ -347,6 +347,8 @@ class Upscaler:
             return plan
         budget = self.budget()
         dev_budget = self._device_budget()
+        if self._device.type == "cpu":
+            bound_heap()
         a, b = self._estimate(channels, has_alpha, itemsize)
         halo = self.halo
         ry, rx = oh / height, ow / width
@@ -362,8 +364,11 @@ class Upscaler:
             total = int(held + band + work)
             return total if total <= budget else None
 
+        advice = "raise --max-memory (max_memory=...)"
+        if hold_output:
+            advice += "; PNG and TIFF outputs of the upscale job are streamed and need no whole output in memory"
         plan = plan_regions(height=height, width=width, out_height=oh, out_width=ow, halo=halo, multiple=m,
-                            integer_scale=integer, fits=fits, budget=budget)  # fmt: skip
+                            integer_scale=integer, fits=fits, budget=budget, advice=advice)  # fmt: skip
         self.last_plan = plan
         if plan.tiled:
             logger.info(
@@ -383,7 +388,7 @@ class Upscaler:
         rng = np.random.default_rng(0)
         m = max(int(self.info.size_multiple), 1)
         points = []
-        for side in _PROBE_SIDES:
+        for i, side in enumerate((_PROBE_SIDES[0], *_PROBE_SIDES)):  # the first run warms up (one-time allocations)
             side = ceil_to(side, m)
             crop = rng.integers(0, np.iinfo(dtype).max, (side, side, channels + int(has_alpha)), dtype=dtype)
             geom = (0, 0, 0, side, 0, side)
@@ -393,7 +398,8 @@ class Upscaler:
                     crop, geom, (0, oh, 0, ow), None, channels=channels, has_alpha=has_alpha, dtype=dtype),
                 self._device,
             )  # fmt: skip
-            points.append((side * side, peak))
+            if i:
+                points.append((side * side, peak))
         self.stats["probes"] += 1
         if any(p is None for _, p in points):  # cannot measure (not Linux): a generous static guess per pixel
             s2 = float(self.scale) ** 2
