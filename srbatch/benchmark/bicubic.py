@@ -42,13 +42,9 @@ FACTORS = (2, 3, 4, -2, -3, -4)
 
 
 def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1500x1000; got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"width and height must be at least 1; got {text!r}")
-    return w, h
+    from srbatch.benchmark.measure import size_arg
+
+    return size_arg(text, minimum=1)
 
 
 def build_parser(prog: str = "jobs/benchmark.py bicubic") -> argparse.ArgumentParser:

@@ -37,13 +37,9 @@ __all__ = ["build_parser", "main"]
 
 
 def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 6000x4000; got {text!r}") from None
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"width and height must be at least 8; got {text!r}")
-    return w, h
+    from srbatch.benchmark.measure import size_arg
+
+    return size_arg(text, minimum=8)
 
 
 def build_parser(prog: str = "jobs/benchmark.py large") -> argparse.ArgumentParser:

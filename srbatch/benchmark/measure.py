@@ -13,7 +13,18 @@ from typing import Any
 
 from srbatch.benchmark.prepare import Storage
 
-__all__ = ["bare_forward", "end_to_end", "steady_state"]
+__all__ = ["bare_forward", "end_to_end", "size_arg", "steady_state"]
+
+
+def size_arg(text: str, *, minimum: int = 1) -> tuple[int, int]:
+    """``"6000x4000"`` -> ``(6000, 4000)`` for an argparse ``type=``; anything else is an argparse error."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 6000x4000; got {text!r}") from None
+    if w < minimum or h < minimum:
+        raise argparse.ArgumentTypeError(f"width and height must be at least {minimum}; got {text!r}")
+    return w, h
 
 
 def bare_forward(model: str, scale: int, files: list[tuple[str, bytes]], args: argparse.Namespace,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -84,6 +85,35 @@ def _thumb(pixels: np.ndarray, crops: Sequence[Crop]) -> bytes:
     return buf.getvalue()
 
 
+def _start_panel(index: int, image: str, w: int, h: int, chosen: list[Crop], asked: Sequence[Crop] | None,
+                 reference: bool) -> ImagePanel:
+    panel = ImagePanel(image=image, width=w, height=h, thumb=f"report/{index:04d}/thumb.png", crops=chosen,
+                       lr_files=[], hr_files=[] if reference else None)  # fmt: skip
+    if asked is not None and len(chosen) < len(asked):
+        panel.note = f"{len(asked) - len(chosen)} of the --crops boxes fall outside this image"
+    return panel
+
+
+def _write_input_crops(panel: ImagePanel, lr: np.ndarray, hr: np.ndarray | None, scale: int, write: Any) -> None:
+    """Each crop of the LR (nearest-neighbour enlarged to output size) and of the HR when there is one."""
+    stem = posixpath.dirname(panel.thumb)
+    for j, c in enumerate(panel.crops):
+        lr_crop = lr[c.y // scale : (c.y + c.h) // scale, c.x // scale : (c.x + c.w) // scale]
+        panel.lr_files.append(f"{stem}/crop{j + 1}_lr.png")
+        write(panel.lr_files[-1], _png8(np.repeat(np.repeat(lr_crop, scale, axis=0), scale, axis=1)))
+        if hr is not None and panel.hr_files is not None:
+            panel.hr_files.append(f"{stem}/crop{j + 1}_hr.png")
+            write(panel.hr_files[-1], _png8(hr[c.y : c.y + c.h, c.x : c.x + c.w]))
+
+
+def _write_model_crops(panel: ImagePanel, m: int, label: str, out: np.ndarray, write: Any) -> None:
+    stem = posixpath.dirname(panel.thumb)
+    for j, c in enumerate(panel.crops):
+        name = f"{stem}/crop{j + 1}_m{m + 1}.png"
+        panel.model_files.setdefault(label, []).append(name)
+        write(name, _png8(np.ascontiguousarray(out[c.y : c.y + c.h, c.x : c.x + c.w])))
+
+
 def render_panel(
     *,
     index: int,
@@ -117,24 +147,11 @@ def render_panel(
         chosen = auto_crops(base, list(outs.values()), scale=scale, size=crop_size, count=crops_per_image)
     else:
         chosen = fit_crops(crops, width=w, height=h, scale=scale)
-    stem = f"report/{index:04d}"
-    panel = ImagePanel(image=image, width=w, height=h, thumb=f"{stem}/thumb.png", crops=chosen, lr_files=[],
-                       hr_files=[] if hr is not None else None)  # fmt: skip
-    if crops is not None and len(chosen) < len(crops):
-        panel.note = f"{len(crops) - len(chosen)} of the --crops boxes fall outside this image"
+    panel = _start_panel(index, image, w, h, chosen, crops, hr is not None)
     write(panel.thumb, _thumb(base, chosen))
-    for j, c in enumerate(chosen):
-        lr_crop = lr[c.y // scale : (c.y + c.h) // scale, c.x // scale : (c.x + c.w) // scale]
-        nn = np.repeat(np.repeat(lr_crop, scale, axis=0), scale, axis=1)
-        panel.lr_files.append(f"{stem}/crop{j + 1}_lr.png")
-        write(panel.lr_files[-1], _png8(nn))
-        if hr is not None and panel.hr_files is not None:
-            panel.hr_files.append(f"{stem}/crop{j + 1}_hr.png")
-            write(panel.hr_files[-1], _png8(hr[c.y : c.y + c.h, c.x : c.x + c.w]))
-        for m, (label, out) in enumerate(outs.items()):
-            name = f"{stem}/crop{j + 1}_m{m + 1}.png"
-            panel.model_files.setdefault(label, []).append(name)
-            write(name, _png8(out[c.y : c.y + c.h, c.x : c.x + c.w]))
+    _write_input_crops(panel, lr, hr, scale, write)
+    for m, (label, out) in enumerate(outs.items()):
+        _write_model_crops(panel, m, label, out, write)
     return panel
 
 
@@ -220,27 +237,12 @@ def render_panel_large(
                 chosen.append(Crop(x=x, y=y, w=size, h=size, reason=c.reason))
     else:
         chosen = fit_crops(crops, width=w, height=h, scale=scale)
-    stem = f"report/{index:04d}"
-    panel = ImagePanel(image=image, width=w, height=h, thumb=f"{stem}/thumb.png", crops=chosen, lr_files=[],
-                       hr_files=[] if hr is not None else None)  # fmt: skip
-    if crops is not None and len(chosen) < len(crops):
-        panel.note = f"{len(crops) - len(chosen)} of the --crops boxes fall outside this image"
+    panel = _start_panel(index, image, w, h, chosen, crops, hr is not None)
     reduced = [Crop(x=c.x // f, y=c.y // f, w=max(1, c.w // f), h=max(1, c.h // f), reason=c.reason) for c in chosen]
     write(panel.thumb, _thumb(base, reduced))
-    for j, c in enumerate(chosen):
-        lr_crop = lr[c.y // scale : (c.y + c.h) // scale, c.x // scale : (c.x + c.w) // scale]
-        panel.lr_files.append(f"{stem}/crop{j + 1}_lr.png")
-        write(panel.lr_files[-1], _png8(np.repeat(np.repeat(lr_crop, scale, axis=0), scale, axis=1)))
-        if hr is not None and panel.hr_files is not None:
-            panel.hr_files.append(f"{stem}/crop{j + 1}_hr.png")
-            write(panel.hr_files[-1], _png8(hr[c.y : c.y + c.h, c.x : c.x + c.w]))
+    _write_input_crops(panel, lr, hr, scale, write)
     for m, (label, load) in enumerate(outputs.items()):
-        out = load()
-        for j, c in enumerate(chosen):
-            name = f"{stem}/crop{j + 1}_m{m + 1}.png"
-            panel.model_files.setdefault(label, []).append(name)
-            write(name, _png8(np.ascontiguousarray(out[c.y : c.y + c.h, c.x : c.x + c.w])))
-        del out
+        _write_model_crops(panel, m, label, load(), write)  # one output in memory at a time
     return panel
 
 
