@@ -418,13 +418,16 @@ class Upscaler:
     def iter_bands(
         self, read: RegionReader, plan: RegionPlan, *, channels: int, has_alpha: bool, dtype: np.dtype | type,
         out: tuple[np.ndarray, np.ndarray | None] | None = None, name: str = "",
+        progress: Callable[[str], None] | None = None,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """Run ``plan`` over the input ``read`` gives, one row of regions at a time.
 
         Yields ``(first output row, pixels band (rows, W', C), alpha band (rows, W') or None)`` in row order, of
         ``dtype``. With ``out`` (preallocated output pixels and alpha), bands are views of it, filled in place;
-        otherwise each band is a new array (for streamed writers). Long images log their progress every 10 s.
+        otherwise each band is a new array (for streamed writers). Long images report their progress every 10 s
+        through ``progress`` (default: the ``srbatch.inference`` logger at INFO).
         """
+        report = progress if progress is not None else logger.info
         self.last_plan = plan
         dt = np.dtype(dtype)
         ow = plan.out_width
@@ -448,8 +451,8 @@ class Upscaler:
             now = time.monotonic()
             if plan.tiled and now - last_log >= 10:
                 last_log = now
-                logger.info("%s: %d of %d rows of regions done (%.0f%%, %.0f s)", name or "image", i + 1,
-                            len(plan.rows), 100 * b / plan.out_height, now - start)  # fmt: skip
+                report(f"{name or 'image'}: {i + 1} of {len(plan.rows)} rows of regions done "
+                       f"({100 * b / plan.out_height:.0f}%, {now - start:.0f} s)")
             yield a, band, band_alpha
 
     def _resize_bands(self, plan: RegionPlan, upscaled: bool) -> tuple[tuple, tuple]:

@@ -308,7 +308,8 @@ class UpscaleWorker(ModelActor):
         timing = {"infer": time.perf_counter() - t0}
 
         def bands() -> Any:
-            it = self.up.iter_bands(read, plan, channels=c, has_alpha=has_alpha, dtype=dtype, name=uri)
+            it = self.up.iter_bands(read, plan, channels=c, has_alpha=has_alpha, dtype=dtype, name=uri,
+                                    progress=lambda msg: print(f"srbatch actor {self.actor_id[:12]}: {msg}", flush=True))
             while True:
                 t = time.perf_counter()
                 try:
@@ -338,6 +339,7 @@ class UpscaleWorker(ModelActor):
             fs, path = filesystem(out_uri, self.so)
         else:
             path = fs._strip_protocol(out_uri)
+
         def timed_write(fh: Any) -> None:
             t = time.perf_counter()
             write(fh)
