@@ -146,6 +146,8 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
         "gpu_ids": const(None, pa.string()), "fingerprint": const(fp, pa.string()),
         "psnr_y": const(None, pa.float64()), "ssim_y": const(None, pa.float64()),
         "psnr_rgb": const(None, pa.float64()), "ssim_rgb": const(None, pa.float64()),
+        "tile_height": const(None, pa.int32()), "tile_width": const(None, pa.int32()),
+        "tile_exact": const(None, pa.bool_()),
         "finished_at": pa.array([t0 + timedelta(microseconds=i) for i in range(n)], pa.timestamp("us", tz="UTC")),
     }  # fmt: skip
     error_type = masked(const("DecodeError", pa.string()), pa.string(), True)
