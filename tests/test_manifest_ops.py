@@ -531,3 +531,39 @@ def test_job_runs_compact_then_a_third_run_skips_everything(ray_cluster, tmp_pat
         if not k.startswith(("_manifest", "_srbatch")):
             assert tree_hashes(out)[k] == v, k
     print(f"MANIFEST-OPS e2e: 3 runs + compact in {time.perf_counter() - t0:.1f} s")
+
+
+def test_an_interruption_after_a_part_is_written_never_writes_its_rows_twice(tmp_path) -> None:
+    """SIGTERM and Ctrl-C raise KeyboardInterrupt anywhere: once in the middle of a flush (after the part is written,
+    in the active-run marker's refresh) and once before the part is written. close() then writes every row once."""
+    from srbatch.upscale.manifest import ManifestWriter, empty_row, read_manifest
+
+    calls = {"n": 0}
+
+    def interrupt_once() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("signal 15")
+
+    w = ManifestWriter(str(tmp_path), "r1", flush_rows=3, on_flush=interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        for i in range(3):
+            w.add(empty_row(run_id="r1", input_uri=f"in/{i}", status="ok"))
+    w.add(empty_row(run_id="r1", input_uri="in/3", status="ok"))
+    w.close()
+    got = read_manifest(str(tmp_path)).column("input_uri").to_pylist()
+    assert sorted(got) == ["in/0", "in/1", "in/2", "in/3"]
+    # interrupted before the part is written: the rows stay queued and close() writes them
+    w2 = ManifestWriter(str(tmp_path), "r2", flush_rows=100)
+    w2.add(empty_row(run_id="r2", input_uri="in/9", status="ok"))
+    real = w2._write
+
+    def broken(table):
+        raise KeyboardInterrupt("before the PUT")
+
+    w2._write = broken
+    with pytest.raises(KeyboardInterrupt):
+        w2.flush()
+    w2._write = real
+    w2.close()
+    assert read_manifest(str(tmp_path), runs=["r2"]).column("input_uri").to_pylist() == ["in/9"]

@@ -212,6 +212,7 @@ class ManifestWriter:
         self._rows: list[dict[str, Any]] = []
         self._tables: list[pa.Table] = []
         self._queued = 0
+        self._written = False
         self._last = time.monotonic()
         self._token = uuid.uuid4().hex[:8]
         self._seq = 0
@@ -253,9 +254,18 @@ class ManifestWriter:
             self._rows.clear()
         if not self._tables:
             return
-        self._write(pa.concat_tables(self._tables))
-        self._tables.clear()
-        self._queued = 0
+        # Taken off the queue before writing, so that an interruption (SIGTERM and Ctrl-C raise KeyboardInterrupt
+        # anywhere) after the part is written never writes its rows a second time from close(); put back when the
+        # part was not written.
+        tables, queued = self._tables, self._queued
+        self._tables, self._queued = [], 0
+        self._written = False
+        try:
+            self._write(pa.concat_tables(tables))
+        except BaseException:
+            if not self._written:
+                self._tables, self._queued = tables + self._tables, queued + self._queued
+            raise
 
     def _write(self, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -264,6 +274,7 @@ class ManifestWriter:
         path = posixpath.join(self.path, name)
         try:
             put_atomic(self.fs, path, buf.getvalue())
+            self._written = True
         except Exception as e:
             raise StorageError(f"could not write manifest part {join_uri(self.uri, name)}: {type(e).__name__}: {e}") from e
         self._seq += 1
