@@ -148,7 +148,8 @@ def run_tiled(
     else:
         (wh, ys), (ww, xs) = plan_axis(hp, tile, margin, multiple), plan_axis(wp, tile, margin, multiple)
     if len(ys) == 1 and len(xs) == 1:  # whole images, batched
-        return torch.cat([forward(x[i : i + batch]) for i in range(0, n, batch)], 0)
+        parts = [forward(x[i : i + batch]) for i in range(0, n, batch)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)  # one part: no copy of a large output
     s = scale
     wy = axis_weights(hp, wh, ys, s, half_blend, dtype=torch.float32, device=x.device)
     wx = axis_weights(wp, ww, xs, s, half_blend, dtype=torch.float32, device=x.device)
