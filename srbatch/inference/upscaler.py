@@ -603,7 +603,7 @@ class Upscaler:
         ``fp32=True`` uses the float32 copy of the network. Tests override this to simulate failures.
         """
         module = self._fp32_module() if fp32 else self.module
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: its tensors refuse the in-place steps after the network
             return module(x)
 
     def _fp32_module(self) -> torch.nn.Module:
