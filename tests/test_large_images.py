@@ -302,3 +302,50 @@ def test_job_on_s3_streams_a_large_tiff_and_fails_broken_ones(ray_cluster, s3_bu
     whole = Upscaler(build_model("bicubic", scale=2), device="cpu").upscale_image(DecodedImage(pixels=photo)).pixels
     assert np.abs(got.astype(int) - whole.astype(int)).max() <= 1
     assert not [p for p in fs.find(f"{s3_bucket}/out") if ".srbatch-tmp-" in p]
+
+
+def test_streamed_tiff_output_with_a_pyramid_from_an_ome_tiff(tmp_path) -> None:
+    """The actor code outside Ray: an OME-TIFF input above a quarter of the budget is streamed; --tiff-pyramid 2
+    adds two half-size levels, each the 2x2 mean (half up) of the one above (checked with numpy), and the output
+    stays OME; the fingerprint changes only when a pyramid is asked for."""
+    import tifffile
+
+    from srbatch.upscale.config import UpscaleConfig
+    from srbatch.upscale.plan import fingerprint
+    from srbatch.upscale.worker import UpscaleWorker
+
+    yy, xx = np.mgrid[0:1200, 0:1000]
+    grey = ((np.sin(xx / 17.0) + np.cos(yy / 11.0) + 2) * 16000).astype(np.uint16)
+    src = tmp_path / "in" / "slide.ome.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, grey, tile=(256, 256), compression="zlib", ome=True, metadata={"axes": "YX"})
+    out = tmp_path / "out" / "slide.ome.tif"
+    cfg = UpscaleConfig(input=str(src.parent), output=str(out.parent), model="bicubic", scale=2, format="TIFF",
+                        max_memory="48MiB", tiff_pyramid=2, progress=False)  # fmt: skip
+    import srbatch.upscale.worker as worker_module
+
+    old = worker_module.STREAM_OUTPUT_BYTES, worker_module.STREAM_INPUT_PIXELS
+    # this 1.2 Mpx input and 9.6 MB output are streamed like large ones
+    worker_module.STREAM_OUTPUT_BYTES, worker_module.STREAM_INPUT_PIXELS = 1024**2, 1024**2
+    try:
+        table = UpscaleWorker(cfg.model_dump(), fingerprint="fp")(
+            {"input_uri": np.array([str(src)]), "output_uri": np.array([str(out)]), "run_id": np.array(["r"])})
+    finally:
+        worker_module.STREAM_OUTPUT_BYTES, worker_module.STREAM_INPUT_PIXELS = old
+    row = table.to_pylist()[0]
+    assert row["status"] == "ok", (row["error_type"], row["error_message"])
+    assert row["tile_height"] is not None  # 48 MiB does not hold it whole
+    with tifffile.TiffFile(out) as tf:
+        assert tf.is_bigtiff and tf.is_ome
+        levels = tf.series[0].levels
+        assert [lv.shape for lv in levels] == [(2400, 2000), (1200, 1000), (600, 500)]
+        full, half, quarter = (lv.asarray() for lv in levels)
+    ref = Upscaler(build_model("bicubic", scale=2), device="cpu").upscale_image(DecodedImage(pixels=grey[..., None]))
+    assert np.abs(full.astype(int) - ref.pixels[..., 0].astype(int)).max() <= 1
+    for big, small in ((full, half), (half, quarter)):
+        mean = big.astype(np.int64).reshape(small.shape[0], 2, small.shape[1], 2).sum(axis=(1, 3))
+        np.testing.assert_array_equal(small, (mean + 2) // 4)  # 2x2 mean rounded half up
+    base = cfg.model_copy(update={"tiff_pyramid": 0})
+    ident = {"name": "bicubic"}
+    assert fingerprint(base, ident) != fingerprint(cfg, ident)
+    assert fingerprint(base, ident) == fingerprint(base.model_copy(update={"max_memory": "1GiB"}), ident)

@@ -68,6 +68,13 @@ class UpscaleConfig(ActorPoolConfig):
         "deletes outputs)",
     )
     batch_size: int = Field(32, ge=1, description="images handed to an actor per call")
+    tiff_pyramid: int = Field(
+        0,
+        ge=0,
+        le=12,
+        description="half-size levels (SubIFDs, the OME-TIFF/QuPath pyramid layout) added to streamed TIFF outputs "
+        "(those above 64 MB of samples); each level the 2x2 mean of the one above",
+    )
     max_pixels: int = Field(
         2**27,
         ge=1,

@@ -92,6 +92,8 @@ def fingerprint(cfg: UpscaleConfig, model_id: Mapping[str, Any]) -> str:
         "quality": cfg.quality,
         "reference": cfg.reference,
     }
+    if cfg.tiff_pyramid and cfg.format == "TIFF":  # only when set: earlier fingerprints stay valid
+        payload["tiff_pyramid"] = cfg.tiff_pyramid
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -279,7 +279,7 @@ class UpscaleWorker(ModelActor):
         if isinstance(src, _StreamedTiff):
             s = src.source
             h, w, c, has_alpha, dtype = s.height, s.width, s.channels, bool(s.has_alpha), np.dtype(s.dtype)
-            icc, read, held = s.icc_profile, s.read_region, False
+            icc, read, held, ome = s.icc_profile, s.read_region, False, bool(s.is_ome)
             row.update(input_width=w, input_height=h, input_bytes=src.size,
                        input_mode=image_mode(np.empty((0, 0, c), dtype), np.empty(0) if has_alpha else None))
         else:
@@ -287,6 +287,7 @@ class UpscaleWorker(ModelActor):
             pix, al = img.pixels, img.alpha
             h, w, c, has_alpha, dtype, icc, held = img.height, img.width, img.channels, al is not None, pix.dtype, \
                 img.icc_profile, True
+            ome = False
 
             def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
                 if al is None:
@@ -331,7 +332,7 @@ class UpscaleWorker(ModelActor):
                 from srbatch.io.tiff import write_tiled_tiff
 
                 write_tiled_tiff(fh, bands(), height=oh, width=ow, channels=c, dtype=dtype, has_alpha=has_alpha,
-                                 icc_profile=icc, tile=_TILE)  # fmt: skip
+                                 icc_profile=icc, tile=_TILE, pyramid=self.cfg.tiff_pyramid, ome=ome)  # fmt: skip
 
         from srbatch.io.storage import filesystem
 
