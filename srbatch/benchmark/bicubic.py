@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from srbatch.benchmark.measure import size_arg
+
 __all__ = ["build_parser", "main", "measure_accuracy", "measure_speed"]
 
 GOAL_RATIO = 3.0
@@ -42,8 +44,6 @@ FACTORS = (2, 3, 4, -2, -3, -4)
 
 
 def _size(text: str) -> tuple[int, int]:
-    from srbatch.benchmark.measure import size_arg
-
     return size_arg(text, minimum=1)
 
 

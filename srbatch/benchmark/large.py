@@ -37,7 +37,7 @@ __all__ = ["build_parser", "main"]
 
 
 def _size(text: str) -> tuple[int, int]:
-    from srbatch.benchmark.measure import size_arg
+    from srbatch.benchmark.measure import size_arg  # not at the top: the child imports srbatch from --pythonpath
 
     return size_arg(text, minimum=8)
 

@@ -27,7 +27,7 @@ from srbatch.io.images import DecodedImage
 from srbatch.metrics.resize import imresize
 from srbatch.models.descriptor import ModelDescriptor
 
-__all__ = ["GREY_WEIGHTS", "RegionPlan", "Upscaler"]
+__all__ = ["GREY_WEIGHTS", "RegionPlan", "RegionReader", "Upscaler", "image_reader"]
 
 RegionReader = Callable[[int, int, int, int], np.ndarray]
 """``read(y0, y1, x0, x1)`` -> the input pixels ``[y0:y1, x0:x1]`` as ``(h, w, C)`` uint8/uint16, alpha last."""
@@ -287,14 +287,7 @@ class Upscaler:
         oh, ow = plan.out_height, plan.out_width
         out = np.empty((oh, ow, c), pix.dtype)
         out_alpha = np.empty((oh, ow), pix.dtype) if has_alpha else None
-        alpha_src = img.alpha
-
-        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-            if alpha_src is None:
-                return pix[y0:y1, x0:x1]
-            return np.concatenate([pix[y0:y1, x0:x1], alpha_src[y0:y1, x0:x1, None].astype(pix.dtype)], axis=2)
-
-        for _ in self.iter_bands(read, plan, channels=c, has_alpha=has_alpha, dtype=pix.dtype,
+        for _ in self.iter_bands(image_reader(img), plan, channels=c, has_alpha=has_alpha, dtype=pix.dtype,
                                  out=(out, out_alpha)):  # fmt: skip
             pass
         return dataclasses.replace(img, pixels=out, alpha=out_alpha, info=dict(img.info))
@@ -644,6 +637,19 @@ class Upscaler:
     def _empty_cache(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def image_reader(img: DecodedImage) -> RegionReader:
+    """The :data:`RegionReader` of a decoded image: views of its pixels, with alpha appended (a copy) when it has
+    one."""
+    pix, alpha = img.pixels, img.alpha
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if alpha is None:
+            return pix[y0:y1, x0:x1]
+        return np.concatenate([pix[y0:y1, x0:x1], alpha[y0:y1, x0:x1, None].astype(pix.dtype)], axis=2)
+
+    return read
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -66,10 +66,13 @@ class _StreamedTiff:
 
 def image_mode(pixels: np.ndarray, alpha: np.ndarray | None) -> str:
     """Channel layout and depth of an image, Pillow style: ``L``, ``LA``, ``RGB``, ``RGBA``, with ``;16`` for 16-bit."""
-    base = {1: "L", 3: "RGB"}.get(pixels.shape[2] if pixels.ndim == 3 else 1, f"{pixels.shape[2]}ch")
-    if alpha is not None:
-        base += "A"
-    return base + (";16" if pixels.dtype == np.uint16 else "")
+    return layout_mode(pixels.shape[2] if pixels.ndim == 3 else 1, pixels.dtype, alpha is not None)
+
+
+def layout_mode(channels: int, dtype: Any, has_alpha: bool) -> str:
+    """:func:`image_mode` from the layout alone (images that are never held whole)."""
+    base = {1: "L", 3: "RGB"}.get(channels, f"{channels}ch") + ("A" if has_alpha else "")
+    return base + (";16" if np.dtype(dtype) == np.uint16 else "")
 
 
 def is_local_path(fh: Any) -> bool:
@@ -192,13 +195,9 @@ class UpscaleWorker(ModelActor):
         opened for region reads; None for anything else (smaller TIFFs, and files that are not TIFF or whose header
         is broken: the whole-file path reports them)."""
         from srbatch.errors import ImageDecodeError
-        from srbatch.io.storage import filesystem
         from srbatch.io.tiff import TiffSource
 
-        if fs is None:
-            fs, path = filesystem(uri, self.so)
-        else:
-            path = fs._strip_protocol(uri)
+        fs, path = self._fs_path(uri, fs)
         fh = open(path, "rb") if is_local(fs) else fs.open(path, "rb", block_size=_BLOCK, cache_type="bytes")
         try:
             source = TiffSource(fh, name=uri, cache_bytes=self._cache_bytes())
@@ -217,6 +216,14 @@ class UpscaleWorker(ModelActor):
         size = int(fs.size(path) or 0)
         return _StreamedTiff(source, fh, size)
 
+    def _fs_path(self, uri: str, fs: Any) -> tuple[Any, str]:
+        """``(filesystem, path)`` of ``uri``: the batch's filesystem when there is one, else its own."""
+        if fs is None:
+            from srbatch.io.storage import filesystem
+
+            return filesystem(uri, self.so)
+        return fs, fs._strip_protocol(uri)
+
     def _cache_bytes(self) -> int:
         """The decoded-tile cache of a streamed TIFF: an eighth of the budget, between 8 and 64 MiB."""
         return int(min(64 * 1024**2, max(8 * 1024**2, self.up.budget() // 8)))
@@ -227,10 +234,7 @@ class UpscaleWorker(ModelActor):
 
         t0 = time.perf_counter()
         try:
-            if fs is None:
-                fs, path = filesystem(uri, self.so)
-            else:
-                path = fs._strip_protocol(uri)
+            fs, path = self._fs_path(uri, fs)
             put_atomic(fs, path, data)
         except SrbatchError:
             raise
@@ -276,23 +280,20 @@ class UpscaleWorker(ModelActor):
     def _stream(self, src: Any, uri: str, out_uri: str, row: dict[str, Any], fs: Any) -> None:
         """Upscale ``src`` (a decoded image, or a large TIFF read region by region) and write the output band by
         band to ``out_uri`` (PNG or tiled BigTIFF), never holding the whole output: infer, encode and upload."""
+        from srbatch.inference.upscaler import image_reader
+
         if isinstance(src, _StreamedTiff):
             s = src.source
             h, w, c, has_alpha, dtype = s.height, s.width, s.channels, bool(s.has_alpha), np.dtype(s.dtype)
             icc, read, held, ome = s.icc_profile, s.read_region, False, bool(s.is_ome)
             row.update(input_width=w, input_height=h, input_bytes=src.size,
-                       input_mode=image_mode(np.empty((0, 0, c), dtype), np.empty(0) if has_alpha else None))
+                       input_mode=layout_mode(c, dtype, has_alpha))
         else:
             img = src.img
-            pix, al = img.pixels, img.alpha
-            h, w, c, has_alpha, dtype, icc, held = img.height, img.width, img.channels, al is not None, pix.dtype, \
-                img.icc_profile, True
+            h, w, c, has_alpha, dtype, icc, held = img.height, img.width, img.channels, img.alpha is not None, \
+                img.pixels.dtype, img.icc_profile, True
             ome = False
-
-            def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-                if al is None:
-                    return pix[y0:y1, x0:x1]
-                return np.concatenate([pix[y0:y1, x0:x1], al[y0:y1, x0:x1, None]], axis=2)
+            read = image_reader(img)
 
         t0 = time.perf_counter()
         ct = c + int(has_alpha)
@@ -334,12 +335,7 @@ class UpscaleWorker(ModelActor):
                 write_tiled_tiff(fh, bands(), height=oh, width=ow, channels=c, dtype=dtype, has_alpha=has_alpha,
                                  icc_profile=icc, tile=_TILE, pyramid=self.cfg.tiff_pyramid, ome=ome)  # fmt: skip
 
-        from srbatch.io.storage import filesystem
-
-        if fs is None:
-            fs, path = filesystem(out_uri, self.so)
-        else:
-            path = fs._strip_protocol(out_uri)
+        fs, path = self._fs_path(out_uri, fs)
 
         def timed_write(fh: Any) -> None:
             t = time.perf_counter()
@@ -364,7 +360,7 @@ class UpscaleWorker(ModelActor):
         row["encode_s"] = max(timing["write"] - (timing["infer"] - infer_before), 0.0)  # the writer, less the model
         row["write_s"] = max(total - timing["write"], 0.0)  # rename, or the upload
         row.update(output_width=ow, output_height=oh, output_bytes=size,
-                   output_mode=image_mode(np.empty((0, 0, c), dtype), np.empty(0) if has_alpha else None))
+                   output_mode=layout_mode(c, dtype, has_alpha))
 
     def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
         """Encode and upload one result on the I/O pool, overlapping the next image's inference."""
