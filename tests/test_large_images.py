@@ -63,6 +63,29 @@ MODELS = {
 }
 
 
+def _net_rgb(desc, pix: np.ndarray) -> np.ndarray:
+    """The RGB network alone on the float image, rounded like im2uint8."""
+    return np.floor(np.clip(_net_rgb_float(desc, pix), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _net_rgb_float(desc, pix: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(pix.astype(np.float64) / 255).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        return desc.module.float().cpu()(x)[0].permute(1, 2, 0).double().numpy()
+
+
+def _matlab_bicubic(desc, pix: np.ndarray) -> np.ndarray:
+    from srbatch.metrics.resize import imresize_uint8
+
+    return imresize_uint8(pix, desc.info.scale)
+
+
+INDEPENDENT = {
+    "bicubic-x3": _matlab_bicubic,
+    "edsr-x2": _net_rgb,
+}
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_regions_equal_the_untiled_image(name: str) -> None:
     torch.manual_seed(0)
@@ -72,6 +95,9 @@ def test_regions_equal_the_untiled_image(name: str) -> None:
     img = _image(61, 83, 3)  # odd sizes: the last core is not a multiple of anything
     whole = up.upscale_image(img).pixels
     assert up.last_plan is not None and not up.last_plan.tiled
+    if name in INDEPENDENT:  # the untiled result itself against a path that does not go through the engine
+        ref = INDEPENDENT[name](desc, img.pixels)
+        assert np.abs(whole.astype(int) - ref.astype(int)).max() <= 1
     tiled, _, plan = _forced(up, img, (24, 30))
     assert plan.tiled and plan.regions >= 6, plan
     diff = np.abs(tiled.astype(int) - whole.astype(int))
@@ -94,6 +120,9 @@ def test_regions_16bit_grey_and_rgba() -> None:
     assert plan.tiled and tiled_a is not None and whole.alpha is not None
     assert np.abs(tiled.astype(int) - whole.pixels.astype(int)).max() <= 1
     assert np.abs(tiled_a.astype(int) - whole.alpha.astype(int)).max() <= 1  # alpha: MATLAB bicubic, exact rows
+    from srbatch.metrics.resize import imresize_uint8
+
+    assert np.abs(tiled_a.astype(int) - imresize_uint8(rgba.alpha, 2).astype(int)).max() <= 1
 
 
 def test_regions_with_outscale() -> None:
@@ -102,6 +131,11 @@ def test_regions_with_outscale() -> None:
     img = _image(40, 57, 3)
     whole = up.upscale_image(img).pixels
     assert whole.shape[:2] == (60, 86)
+    from srbatch.metrics.resize import imresize  # the network at x2, then MATLAB bicubic to 60x86, in float64
+
+    net = torch.from_numpy(_net_rgb_float(up.descriptor, img.pixels)).permute(2, 0, 1)
+    ref = imresize(net, output_shape=(60, 86)).permute(1, 2, 0).numpy()
+    assert np.abs(whole.astype(int) - np.floor(np.clip(ref, 0, 1) * 255 + 0.5).astype(int)).max() <= 1
     tiled, _, plan = _forced(up, img, (16, 16))
     assert plan.tiled
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
@@ -225,7 +259,7 @@ def test_gigapixel_shaped_tiff_streams_with_bounded_memory(tmp_path) -> None:
     upscaled on its own."""
     res = subprocess.run(
         [sys.executable, "jobs/benchmark.py", "large", "tiff", "--size", "6000x6000", "--scale", "2",
-         "--max-memory", "96MiB", "--workdir", str(tmp_path), "--json"],
+         "--max-memory", "96MiB", "--workdir", str(tmp_path), "--keep-output", "--json"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -236,6 +270,15 @@ def test_gigapixel_shaped_tiff_streams_with_bounded_memory(tmp_path) -> None:
     c = r["check"]
     assert c["shape"] == [12000, 12000] and c["dtype"] == "uint16" and c["bigtiff"] and c["tiled"]
     assert c["max_diff"] <= 1  # float rounding only
+    import tifffile
+
+    from srbatch.metrics.resize import imresize_uint8
+
+    # and against an independent path: tifffile's own reader and the float64 MATLAB bicubic, away from the crop edge
+    grey = tifffile.imread(tmp_path / "grey16-6000x6000.tif", key=0)[2990:3110, 1490:1610]
+    ref = imresize_uint8(grey, 2)[20:220, 20:220]
+    out = tifffile.imread(tmp_path / "out-tiff-bicubic-x2-job.tif", key=0)[2 * 3000 : 2 * 3100, 2 * 1500 : 2 * 1600]
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
     budget = 96 * 1024**2
     assert r["over_baseline"] <= 1.25 * budget, r["over_baseline"] / 2**20
     assert r["over_baseline"] < 0.5 * r["output_samples_bytes"]
@@ -292,6 +335,10 @@ def test_job_on_s3_streams_a_large_tiff_and_fails_broken_ones(ray_cluster, s3_bu
     ref = Upscaler(build_model("bicubic", scale=2), device="cpu").upscale_image(DecodedImage(pixels=grey[..., None]))
     assert out.shape == (6000, 6000) and out.dtype == np.uint16
     assert np.abs(out.astype(int) - ref.pixels[..., 0].astype(int)).max() <= 1
+    from srbatch.metrics.resize import imresize_uint8  # and the float64 MATLAB bicubic of a crop, away from its edge
+
+    matlab = imresize_uint8(grey[1000:1100, 2000:2100], 2)[20:180, 20:180]
+    assert np.abs(out[2020:2180, 4020:4180].astype(int) - matlab.astype(int)).max() <= 1
     for name in ("cut.tif", "junk.tif"):
         assert rows[name]["status"] == "failed" and name in rows[name]["error_message"], rows[name]
         assert rows[name]["error_type"] == "ImageDecodeError"
@@ -340,8 +387,9 @@ def test_streamed_tiff_output_with_a_pyramid_from_an_ome_tiff(tmp_path) -> None:
         levels = tf.series[0].levels
         assert [lv.shape for lv in levels] == [(2400, 2000), (1200, 1000), (600, 500)]
         full, half, quarter = (lv.asarray() for lv in levels)
-    ref = Upscaler(build_model("bicubic", scale=2), device="cpu").upscale_image(DecodedImage(pixels=grey[..., None]))
-    assert np.abs(full.astype(int) - ref.pixels[..., 0].astype(int)).max() <= 1
+    from srbatch.metrics.resize import imresize_uint8
+
+    assert np.abs(full.astype(int) - imresize_uint8(grey, 2).astype(int)).max() <= 1  # the float64 MATLAB bicubic
     for big, small in ((full, half), (half, quarter)):
         mean = big.astype(np.int64).reshape(small.shape[0], 2, small.shape[1], 2).sum(axis=(1, 3))
         np.testing.assert_array_equal(small, (mean + 2) // 4)  # 2x2 mean rounded half up
