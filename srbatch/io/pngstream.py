@@ -31,6 +31,18 @@ _FILTERS = ("none", "sub", "up", "average", "paeth")
 _PNG_MAX_SIDE = 2**31 - 1
 
 
+def checked_band(band: Any, i: int, *, width: int, samples: int, dtype: np.dtype, who: str) -> np.ndarray:
+    """Band ``i`` of a streamed writer as ``(rows, width, samples)`` (a 2-D grey band gets its channel axis), or
+    :class:`ConfigError` naming the writer, the band and what was expected. Shared by the PNG and TIFF writers."""
+    band = np.asarray(band)
+    if band.ndim == 2 and samples == 1:
+        band = band[:, :, None]
+    if band.ndim != 3 or band.shape[1:] != (width, samples) or band.dtype != dtype:
+        raise ConfigError(f"{who}: band {i}: expected an array (rows, {width}, {samples}) of {dtype}, found "
+                          f"{band.shape} of {band.dtype}")
+    return band
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
@@ -138,12 +150,7 @@ def write_png_stream(fh: BinaryIO, bands: Iterable[np.ndarray], *, height: int, 
     seen = 0
     big = dt.newbyteorder(">")
     for i, band in enumerate(bands):
-        band = np.asarray(band)
-        if band.ndim == 2 and samples == 1:
-            band = band[:, :, None]
-        if band.ndim != 3 or band.shape[1:] != (width, samples) or band.dtype != dt:
-            raise ConfigError(f"write_png_stream: band {i}: expected an array (rows, {width}, {samples}) of {dt}, "
-                              f"found {band.shape} of {band.dtype}")
+        band = checked_band(band, i, width=width, samples=samples, dtype=dt, who="write_png_stream")
         h = band.shape[0]
         if h == 0:
             continue

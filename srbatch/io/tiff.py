@@ -29,6 +29,7 @@ import numpy as np
 import tifffile
 
 from srbatch.errors import ConfigError, ImageDecodeError
+from srbatch.io.pngstream import checked_band
 
 log = logging.getLogger(__name__)
 
@@ -454,12 +455,7 @@ def _tiles(bands: Iterable[np.ndarray], *, height: int, width: int, samples: int
     have = 0
     seen = 0
     for i, band in enumerate(bands):
-        band = np.asarray(band)
-        if band.ndim == 2 and samples == 1:
-            band = band[:, :, None]
-        if band.ndim != 3 or band.shape[1:] != (width, samples) or band.dtype != dtype:
-            raise ConfigError(f"band {i}: expected an array (rows, {width}, {samples}) of {dtype}, found "
-                              f"{band.shape} of {band.dtype}")
+        band = checked_band(band, i, width=width, samples=samples, dtype=dtype, who="write_tiled_tiff")
         if seen + band.shape[0] > height:
             raise ConfigError(f"band {i}: the bands hold more than height={height} rows")
         seen += band.shape[0]
