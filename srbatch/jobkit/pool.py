@@ -12,13 +12,14 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from srbatch.jobkit.resources import ActorResources
 
-__all__ = ["run_actor_pool", "LOST_RESULT"]
+__all__ = ["run_actor_pool", "LOST_RESULT", "CpuStage"]
 
 #: ``error_type`` of the row of an item the pipeline finished without.
 LOST_RESULT = "LostResult"
@@ -28,6 +29,22 @@ MAX_BLOCKS = 200
 """Ray Data blocks per pipeline at most (or 8 per actor on a larger pool): large inputs get blocks of many items, each
 handed to an actor in ``batch_size`` pieces. Every block costs the driver an object and Ray Data a task: measured with
 `jobs/benchmark.py handoff`, 20k tasks took 31 s in 1250 blocks and 18 s in 200 on 2 loaded cores."""
+
+
+@dataclass(frozen=True)
+class CpuStage:
+    """A CPU stage of a pipeline around the model actors: ``fn(batch, **kwargs) -> table`` run as Ray tasks of
+    ``num_cpus`` each on batches of ``batch_size`` items, as many at once as the cluster's CPUs allow. ``fn`` must
+    never raise (an item's exception is its row), or Ray Data fails the whole pipeline."""
+
+    fn: Callable[..., Any]
+    kwargs: Mapping[str, Any]
+    batch_size: int
+    num_cpus: float = 1.0
+    memory: int = 512 * 1024**2
+    """Bytes of memory each task reserves with Ray's scheduler. Also keeps Ray Data from fusing the stage into the
+    actors next to it (it fuses map steps whose resource requests are equal), which would put the CPU work back on
+    the model actors."""
 
 
 def _constructor_kwargs(actor: Any, kwargs: Mapping[str, Any], resources: ActorResources) -> dict[str, Any]:
@@ -55,6 +72,8 @@ def run_actor_pool(
     desc: str = "",
     log: logging.Logger | None = None,
     on_batch: Callable[[pa.Table], None] | None = None,
+    before: Sequence[CpuStage] = (),
+    after: Sequence[CpuStage] = (),
 ) -> None:
     """Run ``actor`` (a callable class for ``Dataset.map_batches``, built once per actor with ``actor_kwargs`` and
     ``torch_threads``) over ``items`` (an Arrow table, or a few small dicts: keys and URIs, never pixels) on Ray,
@@ -69,6 +88,10 @@ def run_actor_pool(
     With ``on_batch``, the result rows are handed over as Arrow tables (one per batch that came back, duplicates
     removed) instead of one dict per row: the driver then does no Python work per row but a set lookup of its key.
     Lost items still go through ``on_row``.
+
+    ``before`` and ``after`` are CPU stages (:class:`CpuStage`) run as Ray tasks before and after the actors, on every
+    CPU of the cluster: the actors then get what the last ``before`` stage returns, and the rows are what the last
+    ``after`` stage returns.
     """
     import pyarrow.compute as pc
     import ray
@@ -100,7 +123,11 @@ def run_actor_pool(
         ctx.execution_options.preserve_order = False
         per_block = max(batch_size, math.ceil(n / max(MAX_BLOCKS, 8 * resources.max_actors)))
         blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
-        ds = ray.data.from_arrow(blocks).map_batches(
+        ds = ray.data.from_arrow(blocks)
+        for st in before:
+            ds = ds.map_batches(st.fn, fn_kwargs=dict(st.kwargs), batch_size=st.batch_size, batch_format="numpy",
+                                num_cpus=st.num_cpus, memory=st.memory)  # fmt: skip
+        ds = ds.map_batches(
             actor,
             fn_constructor_kwargs=_constructor_kwargs(actor, actor_kwargs, resources),
             batch_size=batch_size,
@@ -108,6 +135,9 @@ def run_actor_pool(
             compute=ActorPoolStrategy(min_size=resources.actors, max_size=resources.max_actors),
             **resources.remote_args(),
         )
+        for st in after:
+            ds = ds.map_batches(st.fn, fn_kwargs=dict(st.kwargs), batch_size=st.batch_size, batch_format="numpy",
+                                num_cpus=st.num_cpus, memory=st.memory)  # fmt: skip
         del blocks
         bar = tqdm(total=n, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0, desc=desc)  # fmt: skip

@@ -52,6 +52,19 @@ class UpscaleConfig(ActorPoolConfig):
     format: Literal["PNG", "JPEG", "WEBP", "TIFF"] = Field("PNG", description="output image format")
     quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality [95]")
     io_threads: int = Field(4, ge=1, le=64, description="threads per actor that read and upload while the model runs")
+    pipeline: Literal["auto", "fused", "stages"] = Field(
+        "auto",
+        description="fused: each model actor reads, decodes, upscales, encodes and writes; stages: reading+decoding "
+        "and encoding+writing run as CPU tasks on every core of the cluster around the model actors (what a GPU needs "
+        "to be kept busy); auto: stages when the actors have GPUs, fused on CPU",
+    )
+    device_batch: int = Field(
+        8, ge=1, le=256, description="same-size images run through the model together (one forward pass)"
+    )
+    channels_last: bool = Field(False, description="channels-last memory format for the model and its inputs (CUDA)")
+    compile: bool = Field(
+        False, description="torch.compile the model (each actor compiles once; the warm-up time is printed)"
+    )
     reference: Literal["none", "self"] = Field(
         "none",
         description="self: also downscale each input by the scale (MATLAB bicubic), upscale it and record PSNR/SSIM "

@@ -25,6 +25,9 @@ log = logging.getLogger("srbatch.upscale")
 
 __all__ = ["JobResult", "run_job"]
 
+STAGE_BATCH = 8
+"""Images per task of the staged pipeline's CPU stages (small: the tasks spread over every core)."""
+
 MAX_FAILURES_KEPT = 100
 """Failures kept in :attr:`JobResult.failures` (the summary prints 10; the manifest holds every one)."""
 
@@ -138,6 +141,7 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
         f"{desc.name or desc.architecture} x{desc.scale} (fingerprint {fp})",
         file=stream, flush=True,
     )  # fmt: skip
+    scale = cfg.outscale or float(desc.scale)
     del desc
     store.mark_active(cfg.run_id, started_at)
     writer = ManifestWriter(cfg.output, cfg.run_id, so, flush_seconds=cfg.manifest_flush_seconds,
@@ -152,7 +156,7 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
             _record(res, writer, empty_row(input_uri=task.input_uri, status="failed", error_type="ConfigError",
                                            error_message=task.error, **common))  # fmt: skip
         if plan.todo.num_rows:
-            _run_pipeline(cfg, plan, fp, res, writer, common, stream)
+            _run_pipeline(cfg, plan, fp, res, writer, common, stream, scale)
     except KeyboardInterrupt:
         res.interrupted = True
     finally:
@@ -275,9 +279,10 @@ def _run_pipeline(
     writer: ManifestWriter,
     common: dict[str, Any],
     stream: TextIO,
+    scale: float,
 ) -> None:
     from srbatch.jobkit.cluster import ray_session
-    from srbatch.jobkit.pool import run_actor_pool
+    from srbatch.jobkit.pool import CpuStage, run_actor_pool
     from srbatch.jobkit.resources import plan_actors
     from srbatch.upscale.worker import UpscaleWorker
 
@@ -287,7 +292,21 @@ def _run_pipeline(
         try:
             rs = plan_actors(cfg, ray.cluster_resources())
             log.info("actor pool: %s", rs.as_dict())
-            print(f"srbatch upscale: {rs.describe()}", file=stream, flush=True)
+            staged = cfg.pipeline == "stages" or (cfg.pipeline == "auto" and rs.gpus_per_actor > 0)
+            before: list[CpuStage] = []
+            after: list[CpuStage] = []
+            if staged:
+                from srbatch.inference.memory import available_memory
+                from srbatch.upscale import stages
+
+                budget = cfg.max_memory_bytes() or int(available_memory() * rs.memory_share)
+                conf = cfg.model_dump()
+                size = min(cfg.batch_size, STAGE_BATCH)
+                before = [CpuStage(stages.decode_batch, {"config": conf, "scale": scale, "budget": budget}, size)]
+                after = [CpuStage(stages.encode_batch, {"config": conf, "budget": budget}, size)]
+            print(f"srbatch upscale: {rs.describe()}; pipeline "
+                  f"{'staged (read+decode and encode+write as CPU tasks on every core)' if staged else 'fused'}",
+                  file=stream, flush=True)  # fmt: skip
             run_actor_pool(
                 plan.todo.append_column("run_id", pa.repeat(pa.scalar(cfg.run_id), plan.todo.num_rows)),
                 key="input_uri",
@@ -303,6 +322,8 @@ def _run_pipeline(
                 progress=cfg.progress,
                 desc="upscale",
                 log=log,
+                before=before,
+                after=after,
             )
         finally:
             res.pipeline_seconds = time.perf_counter() - t0

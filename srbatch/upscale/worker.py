@@ -87,46 +87,18 @@ def _read_local(path: str) -> bytes:
         return f.read()
 
 
-class UpscaleWorker(ModelActor):
-    """Callable class for ``Dataset.map_batches``: one instance per actor, one model per instance.
+class ImageIO:
+    """Reading inputs and writing outputs, shared by the model actor (which does it all in the fused pipeline) and the
+    CPU stages of the staged one (:mod:`srbatch.upscale.stages`). A subclass sets ``cfg``, ``so`` (storage options),
+    ``pool`` (a thread pool) and ``window``, and says how much memory one image may use (:meth:`_budget`)."""
 
-    Args:
-        config: :meth:`UpscaleConfig.model_dump` of the job's configuration.
-        fingerprint: the run's parameter fingerprint (recorded in each row).
-        torch_threads: intra-op threads for CPU inference (None: leave torch's default).
-    """
+    cfg: UpscaleConfig
+    so: dict[str, Any]
+    pool: Any
+    window: int
 
-    job = "upscale"
-
-    def __init__(
-        self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None, memory_share: float = 0.5
-    ) -> None:
-        from srbatch.inference import TilingConfig
-
-        self.cfg = UpscaleConfig.model_validate(config)
-        self.fingerprint = fingerprint
-        self.so = self.cfg.fs_options()
-        overlap = self.cfg.tile_overlap
-
-        def tiling(desc: Any) -> TilingConfig:  # unset overlap: the model's receptive halo, capped at 32
-            return TilingConfig(tile=self.cfg.tile, overlap=min(desc.info.receptive_halo or 0, 32) if overlap is None
-                                else overlap)  # fmt: skip
-
-        self._start_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so,
-                          device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
-                          torch_threads=torch_threads, io_threads=self.cfg.io_threads,
-                          max_memory=self.cfg.max_memory_bytes(), memory_share=memory_share)  # fmt: skip
-        self.ref_up = None
-        self.window = 2 * self.cfg.io_threads
-        """Remote reads requested ahead, and upscaled images waiting for their upload, at most (memory bound)."""
-        self._shared = {
-            "model": self.desc.name, "architecture": self.desc.architecture, "model_sha256": self.desc.sha256,
-            "scale": self.up.scale, "dtype": str(self.up.dtype).removeprefix("torch."), "device": self.device,
-            "gpu_ids": ",".join(self.gpu_ids) or None, "actor_id": self.actor_id, "fingerprint": self.fingerprint,
-        }  # fmt: skip
-        self._local = self.desc.info.local
-
-    # -------------------------------------------------------------- I/O
+    def _budget(self) -> int:
+        raise NotImplementedError
 
     def _filesystem(self, uris: list[str]) -> Any:
         """The one fsspec filesystem of every URI in ``uris`` (None when they mix protocols or chain them: each is
@@ -209,7 +181,7 @@ class UpscaleWorker(ModelActor):
             raise
         px = source.height * source.width
         samples = px * (source.channels + int(bool(source.has_alpha))) * np.dtype(source.dtype).itemsize
-        if px <= STREAM_INPUT_PIXELS and samples <= self.up.budget() // 4:
+        if px <= STREAM_INPUT_PIXELS and samples <= self._budget() // 4:
             source.close()
             fh.close()
             return None
@@ -226,7 +198,7 @@ class UpscaleWorker(ModelActor):
 
     def _cache_bytes(self) -> int:
         """The decoded-tile cache of a streamed TIFF: an eighth of the budget, between 8 and 64 MiB."""
-        return int(min(64 * 1024**2, max(8 * 1024**2, self.up.budget() // 8)))
+        return int(min(64 * 1024**2, max(8 * 1024**2, self._budget() // 8)))
 
     def _write(self, uri: str, data: bytes, fs: Any) -> float:
         from srbatch.errors import StorageError
@@ -241,6 +213,63 @@ class UpscaleWorker(ModelActor):
         except Exception as e:
             raise StorageError(f"could not write {uri}: {type(e).__name__}: {e}") from e
         return time.perf_counter() - t0
+
+    def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
+        """Encode and upload one result (on the actor's I/O pool, overlapping the next image's inference, or in an
+        encode stage)."""
+        from srbatch.io.images import encode_image
+
+        t = time.perf_counter()
+        encoded = encode_image(out, **encode_options(self.cfg))
+        row["encode_s"] = time.perf_counter() - t
+        row.update(
+            output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, out.alpha),
+            output_bytes=len(encoded),
+        )  # fmt: skip
+        row["write_s"] = self._write(out_uri, encoded, fs)
+
+
+class UpscaleWorker(ModelActor, ImageIO):
+    """Callable class for ``Dataset.map_batches``: one instance per actor, one model per instance.
+
+    Args:
+        config: :meth:`UpscaleConfig.model_dump` of the job's configuration.
+        fingerprint: the run's parameter fingerprint (recorded in each row).
+        torch_threads: intra-op threads for CPU inference (None: leave torch's default).
+    """
+
+    job = "upscale"
+
+    def __init__(
+        self, config: dict[str, Any], fingerprint: str, torch_threads: int | None = None, memory_share: float = 0.5
+    ) -> None:
+        from srbatch.inference import TilingConfig
+
+        self.cfg = UpscaleConfig.model_validate(config)
+        self.fingerprint = fingerprint
+        self.so = self.cfg.fs_options()
+        overlap = self.cfg.tile_overlap
+
+        def tiling(desc: Any) -> TilingConfig:  # unset overlap: the model's receptive halo, capped at 32
+            return TilingConfig(tile=self.cfg.tile, overlap=min(desc.info.receptive_halo or 0, 32) if overlap is None
+                                else overlap)  # fmt: skip
+
+        self._start_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so,
+                          device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
+                          torch_threads=torch_threads, io_threads=self.cfg.io_threads,
+                          max_memory=self.cfg.max_memory_bytes(), memory_share=memory_share)  # fmt: skip
+        self.ref_up = None
+        self.window = 2 * self.cfg.io_threads
+        """Remote reads requested ahead, and upscaled images waiting for their upload, at most (memory bound)."""
+        self._shared = {
+            "model": self.desc.name, "architecture": self.desc.architecture, "model_sha256": self.desc.sha256,
+            "scale": self.up.scale, "dtype": str(self.up.dtype).removeprefix("torch."), "device": self.device,
+            "gpu_ids": ",".join(self.gpu_ids) or None, "actor_id": self.actor_id, "fingerprint": self.fingerprint,
+        }  # fmt: skip
+        self._local = self.desc.info.local
+
+    def _budget(self) -> int:
+        return self.up.budget()
 
     # -------------------------------------------------------------- one image
 
@@ -362,19 +391,6 @@ class UpscaleWorker(ModelActor):
         row.update(output_width=ow, output_height=oh, output_bytes=size,
                    output_mode=layout_mode(c, dtype, has_alpha))
 
-    def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
-        """Encode and upload one result on the I/O pool, overlapping the next image's inference."""
-        from srbatch.io.images import encode_image
-
-        t = time.perf_counter()
-        encoded = encode_image(out, format=self.cfg.format, quality=self.cfg.quality)
-        row["encode_s"] = time.perf_counter() - t
-        row.update(
-            output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, out.alpha),
-            output_bytes=len(encoded),
-        )  # fmt: skip
-        row["write_s"] = self._write(out_uri, encoded, fs)
-
     def _audit(self, img: Any) -> dict[str, float]:
         """Downscale ``img`` by the scale with MATLAB bicubic, upscale, measure against ``img`` (paper convention)."""
         from dataclasses import replace
@@ -402,7 +418,12 @@ class UpscaleWorker(ModelActor):
     # -------------------------------------------------------------- a batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Process ``batch`` (columns ``input_uri``, ``output_uri``, ``run_id``); one manifest row per input."""
+        """Process ``batch`` (columns ``input_uri``, ``output_uri``, ``run_id``); one manifest row per input.
+
+        In the staged pipeline the batch comes from the decode stage instead (columns ``row``, ``kind``,
+        ``payload``; see :mod:`srbatch.upscale.stages`) and so does the result, for the encode stage."""
+        if "payload" in batch:
+            return self.model_stage(batch)
         inputs = [str(u) for u in batch["input_uri"]]
         outputs = [str(u) for u in batch["output_uri"]]
         if not inputs:
@@ -450,11 +471,126 @@ class UpscaleWorker(ModelActor):
             row["total_s"] = sum(row.get(k) or 0.0 for k in _STAGES)
         return self._table(rows, run_id, datetime.now(timezone.utc))
 
+    def model_stage(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The model's part of the staged pipeline: upscale the decoded images of ``batch`` together (same-size images
+        in one forward pass), and hand them on as uint8/uint16 arrays (or JPEG bytes encoded on the GPU) to the
+        encode stage. Images the decode stage left to the actor (too large to pass around: they are read region by
+        region and written band by band) are done here from start to end, as in the fused pipeline."""
+        from srbatch.upscale import stages
+
+        rows, kinds, payloads = stages.unpack(batch)
+        out_kinds: list[str] = list(kinds)
+        out_payloads: list[bytes | None] = [None] * len(rows)
+        todo = [i for i, k in enumerate(kinds) if k == stages.DECODED]
+        imgs = [stages.loads(payloads[i]) for i in todo]
+        t = time.perf_counter()
+        results = self._upscale_many(imgs)
+        per_image = (time.perf_counter() - t) / max(len(todo), 1)
+        for i, img, res in zip(todo, imgs, results):
+            row = rows[i]
+            row["infer_s"] = per_image
+            try:
+                if isinstance(res, BaseException):
+                    raise res
+                if self.cfg.reference == "self":
+                    t = time.perf_counter()
+                    row.update(self._audit(img))
+                    row["infer_s"] += time.perf_counter() - t
+                out_kinds[i], out_payloads[i] = self._hand_on(res, row)
+            except Exception as e:  # noqa: BLE001 - one broken image is one failed row
+                row.update(error_fields(e), output_uri=None, status="failed")
+                out_kinds[i] = stages.DONE
+        del imgs, results
+        out_fs = None
+        for i, kind in enumerate(kinds):
+            if kind not in (stages.BYTES, stages.LARGE):
+                continue
+            row = rows[i]
+            uri, out_uri = row["input_uri"], row["output_uri"]
+            out_fs = out_fs or self._filesystem([out_uri])
+            try:
+                if kind == stages.BYTES:
+                    data = payloads[i]
+                else:
+                    data, read_s = self._read(uri, self._filesystem([uri]))
+                    row["read_s"] = (row.get("read_s") or 0.0) + read_s
+                    if isinstance(data, BaseException):
+                        raise data
+                self._one(uri, out_uri, data, row, out_fs)
+            except Exception as e:  # noqa: BLE001 - one broken image is one failed row
+                row.update(error_fields(e), output_uri=None, status="failed")
+            out_kinds[i] = stages.DONE
+        for row in rows:
+            row.update(self._shared)
+        return stages.pack(rows, out_kinds, out_payloads)
+
+    def _upscale_many(self, imgs: list[Any]) -> list[Any]:
+        """Upscale decoded images, same-size ones batched on the device; an image's exception in its slot."""
+        if not imgs:
+            return []
+        if hasattr(self.up, "upscale_images"):
+            return self.up.upscale_images(imgs)
+        out: list[Any] = []
+        for img in imgs:
+            try:
+                out.append(self.up.upscale_image(img))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
+
+    def _hand_on(self, out: Any, row: dict[str, Any]) -> tuple[str, bytes]:
+        """What the model stage passes to the encode stage for one upscaled image: JPEG bytes when they are encoded
+        on the GPU, else the image itself."""
+        from srbatch.upscale import stages
+
+        self._record_plan(row)
+        if self._gpu_jpeg():
+            from srbatch.io.images import encode_jpeg_tensor
+
+            t = time.perf_counter()
+            import torch
+
+            pixels = torch.from_numpy(out.pixels).to(self.up.device, non_blocking=False)
+            data = encode_jpeg_tensor(pixels, quality=self.cfg.quality or 95, icc_profile=out.icc_profile)
+            row["encode_s"] = time.perf_counter() - t
+            row.update(output_width=out.width, output_height=out.height, output_bytes=len(data),
+                       output_mode=image_mode(out.pixels, None))  # fmt: skip
+            return stages.ENCODED, data
+        return stages.UPSCALED, stages.dumps(out)
+
+    def _gpu_jpeg(self) -> bool:
+        """JPEG outputs are encoded on the GPU (torchvision's nvJPEG) by the model actor."""
+        enc = getattr(self.cfg, "jpeg_encoder", "pillow")
+        return self.cfg.format == "JPEG" and (enc == "gpu" or (enc == "auto" and self.up.device.type == "cuda"))
+
+    def _one(self, uri: str, out_uri: str, data: Any, row: dict[str, Any], out_fs: Any) -> None:
+        """Everything for one image the actor does alone: decode (or region reads), upscale, encode, write."""
+        if isinstance(data, _StreamedTiff):
+            self._stream(data, uri, out_uri, row, out_fs)
+        else:
+            row["input_bytes"] = len(data)
+            out = self._process(uri, data, row)
+            if isinstance(out, _Whole):
+                self._stream(out, uri, out_uri, row, out_fs)
+            else:
+                self._encode_and_write(out, out_uri, row, out_fs)
+        row["status"] = "ok"
+
     def _table(self, rows: list[dict[str, Any]], run_id: str, finished_at: datetime) -> pa.Table:
-        """The rows as a table of exactly the manifest's schema, column by column; the columns every row shares
-        (this actor's model and device, the run, ``finished_at``: the batch's rows are stamped together) once."""
-        shared = {**self._shared, "run_id": run_id, "finished_at": finished_at}
-        n = len(rows)
-        cols = [pa.array([shared[f.name]] * n, type=f.type) if f.name in shared else
-                pa.array([r.get(f.name) for r in rows], type=f.type) for f in SCHEMA]  # fmt: skip
-        return pa.Table.from_arrays(cols, schema=SCHEMA)
+        return rows_table(rows, {**self._shared, "run_id": run_id, "finished_at": finished_at})
+
+
+def rows_table(rows: list[dict[str, Any]], shared: dict[str, Any]) -> pa.Table:
+    """The rows as a table of exactly the manifest's schema, column by column; the columns every row shares
+    (``shared``: an actor's model and device, the run, ``finished_at``: a batch's rows are stamped together) once."""
+    n = len(rows)
+    cols = [pa.array([shared[f.name]] * n, type=f.type) if f.name in shared else
+            pa.array([r.get(f.name) for r in rows], type=f.type) for f in SCHEMA]  # fmt: skip
+    return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+def encode_options(cfg: UpscaleConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`~srbatch.io.images.encode_image` for the job's codec settings."""
+    if hasattr(cfg, "encode_options"):
+        return cfg.encode_options()
+    return {"format": cfg.format, "quality": cfg.quality}
