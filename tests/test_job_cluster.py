@@ -67,7 +67,7 @@ def test_fake_gpus_two_actors_each_their_own_device(tmp_path):
     assert res["exit"] == 0 and res["ok"] == 6
     assert res["devices"] == ["cpu"]  # torch sees no CUDA: the model runs on CPU, chosen by torch, not by Ray
     assert set(res["gpu_ids"]) <= {"0", "1"}
-    assert "2 actor(s), 1 GPU and 0.5 CPU each" in out
+    assert "2 actor(s), 1 GPU and 0.5 CPU each; pipeline staged" in out  # GPU actors: the CPU work as Ray tasks
     # each actor logs the device it got: one saw GPU 0, the other GPU 1
     assert "Ray GPU ids ['0'], CUDA_VISIBLE_DEVICES='0'" in out, out
     assert "Ray GPU ids ['1'], CUDA_VISIBLE_DEVICES='1'" in out, out
