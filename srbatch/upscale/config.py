@@ -56,8 +56,8 @@ class UpscaleConfig(ActorPoolConfig):
         1,
         ge=0,
         le=9,
-        description="zlib level of PNG outputs (0-9, streamed PNGs too); 1 encodes a 1024x1024 photo about 4-5x "
-        "faster than 6 (Pillow's default) for files 0-20% larger (README: output encoding)",
+        description="zlib level of PNG outputs (0-9, streamed PNGs too; other formats ignore it); 1 encodes a "
+        "1024x1024 photo 4-5x faster than 6 (Pillow's default) for files up to 21% larger (README: output encoding)",
     )
     webp_lossless: bool = Field(
         False, description="lossless WebP (RGB under transparent pixels kept exactly); needs --format WEBP, no quality"
@@ -70,9 +70,6 @@ class UpscaleConfig(ActorPoolConfig):
 
     @model_validator(mode="after")
     def _codecs(self) -> UpscaleConfig:
-        if "png_compression" in self.model_fields_set and self.format != "PNG":
-            raise ValueError(f"png_compression applies to PNG outputs only, not {self.format}; drop it or use "
-                             "format PNG")
         if self.webp_lossless and self.format != "WEBP":
             raise ValueError(f"webp_lossless applies to WEBP outputs only, not {self.format}; drop it or use "
                              "format WEBP")
