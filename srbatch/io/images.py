@@ -19,11 +19,15 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from srbatch.errors import ConfigError, ImageDecodeError, ImageTooLargeError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 2**27
 """Default decompression-bomb limit on declared width x height (134,217,728 pixels, e.g. 16384 x 8192)."""
@@ -348,6 +352,71 @@ def encode_image(img: DecodedImage, *, format: str = "PNG", quality: int | None 
     out = io.BytesIO()
     pil.save(out, fmt, **options)
     return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------ JPEG from a tensor (nvJPEG)
+
+_ICC_SIGNATURE = b"ICC_PROFILE\x00"
+_ICC_CHUNK = 65519  # 65535 (segment length field) - 2 (the field itself) - 12 (signature) - 2 (sequence, count)
+
+
+def encode_jpeg_tensor(pixels: torch.Tensor, *, quality: int = 95, icc_profile: bytes | None = None) -> bytes:
+    """Encode ``pixels``, a ``torch.Tensor`` ``(H, W, C)`` (C = 1 grey or 3 RGB) of uint8 or uint16 on any device,
+    as a baseline JPEG with ``torchvision.io.encode_jpeg`` and return the file's bytes (on the host).
+
+    * CUDA tensors are encoded by nvJPEG on the GPU, chroma not subsampled (4:4:4, as :func:`encode_image`'s Pillow
+      path); CPU tensors by libjpeg inside torchvision, with libjpeg's default 4:2:0 chroma subsampling. nvJPEG
+      (through torchvision) takes 3 channels only: a grey CUDA tensor is copied to the host (H x W bytes) and
+      encoded there as 1-channel JPEG, so grey stays grey whichever the device.
+    * uint16 is rounded to 8 bits half-up, ``(x + 128) // 257`` (as :func:`encode_image` does), on the tensor's
+      device; other dtypes and channel counts (alpha included: JPEG has none) are a :class:`ConfigError`.
+    * ``icc_profile`` is embedded as APP2 ``ICC_PROFILE`` segments (at most 65,519 bytes of profile each, up to 255
+      of them) after the JFIF header, since torchvision writes none.
+    """
+    import torch
+
+    if not isinstance(pixels, torch.Tensor):
+        raise ConfigError(f"encode_jpeg_tensor takes a torch.Tensor (H, W, C); got {type(pixels).__name__}")
+    if not 1 <= int(quality) <= 100:
+        raise ConfigError(f"quality must be between 1 and 100; got {quality}")
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3) or pixels.dtype not in (torch.uint8, torch.uint16):
+        raise ConfigError(
+            f"encode_jpeg_tensor expects a tensor (H, W, 1 or 3) of uint8 or uint16 (JPEG has no alpha: drop it "
+            f"first); got {tuple(pixels.shape)} {pixels.dtype}"
+        )
+    if pixels.shape[0] < 1 or pixels.shape[1] < 1 or max(pixels.shape[0], pixels.shape[1]) > 65535:
+        raise ConfigError(f"encode_jpeg_tensor: JPEG sides are 1 .. 65535 pixels; got {tuple(pixels.shape[:2])}")
+    if icc_profile and len(icc_profile) > 255 * _ICC_CHUNK:
+        raise ConfigError(f"ICC profile of {len(icc_profile):,} bytes does not fit in 255 JPEG APP2 segments "
+                          f"({255 * _ICC_CHUNK:,} bytes at most)")
+    if pixels.dtype == torch.uint16:
+        pixels = ((pixels.to(torch.int32) + 128) // 257).to(torch.uint8)
+    if pixels.shape[2] == 1 and pixels.device.type != "cpu":
+        pixels = pixels.cpu()  # torchvision's nvJPEG path takes RGB only
+    chw = pixels.permute(2, 0, 1).contiguous()
+    from torchvision.io import encode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec on every call
+        encoded = encode_jpeg(chw, quality=int(quality))
+    data = encoded.cpu().numpy().tobytes()
+    return _with_icc(data, icc_profile) if icc_profile else data
+
+
+def _with_icc(jpeg: bytes, icc: bytes) -> bytes:
+    """``jpeg`` with ``icc`` inserted as APP2 ICC_PROFILE segments after SOI and any APP0 (JFIF/JFXX) segments."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise ConfigError(f"not a JPEG stream (starts {jpeg[:4]!r}); cannot embed the ICC profile")
+    at = 2
+    while jpeg[at:at + 2] == b"\xff\xe0":  # JFIF wants its APP0 right after SOI
+        at += 2 + struct.unpack(">H", jpeg[at + 2:at + 4])[0]
+    pieces = [icc[i:i + _ICC_CHUNK] for i in range(0, len(icc), _ICC_CHUNK)]
+    segments = b"".join(
+        b"\xff\xe2" + struct.pack(">H", 2 + len(_ICC_SIGNATURE) + 2 + len(p)) + _ICC_SIGNATURE
+        + bytes((n, len(pieces))) + p
+        for n, p in enumerate(pieces, start=1)
+    )
+    return jpeg[:at] + segments + jpeg[at:]
 
 
 def _png16(samples: np.ndarray, has_alpha: bool, icc: bytes | None, level: int) -> bytes:

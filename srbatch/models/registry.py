@@ -12,12 +12,13 @@ from typing import Any
 
 from srbatch.errors import ConfigError
 from srbatch.models.arch_api import Architecture
-from srbatch.models.archs import bicubic, edsr, espcn, fsrcnn, imdn, mdsr, rrdbnet, srcnn, srresnet, vdsr
+from srbatch.models.archs import bicubic, edsr, espcn, fsrcnn, imdn, mdsr, nearest, rrdbnet, srcnn, srresnet, vdsr
 
 __all__ = ["ARCHITECTURES", "Architecture", "architectures", "get_architecture", "variants"]
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     bicubic.ARCH,
+    nearest.ARCH,
     srcnn.ARCH,
     fsrcnn.ARCH,
     espcn.ARCH,

@@ -80,7 +80,8 @@ def output_key(rel: str, fmt: str) -> str:
 
 def fingerprint(cfg: UpscaleConfig, model_id: Mapping[str, Any]) -> str:
     """16 hex digits identifying everything that decides an output's bytes (and its metrics): the model's identity
-    and weights, scale, outscale, dtype, tiling, format, quality and the reference mode. Devices are not part of it."""
+    and weights, scale, outscale, dtype, tiling, format, quality, the codec settings (PNG level, lossless WebP, JPEG
+    encoder) and the reference mode. Devices are not part of it."""
     payload = {
         "model": dict(model_id),
         "scale": cfg.scale,
@@ -94,6 +95,16 @@ def fingerprint(cfg: UpscaleConfig, model_id: Mapping[str, Any]) -> str:
     }
     if cfg.tiff_pyramid and cfg.format == "TIFF":  # only when set: earlier fingerprints stay valid
         payload["tiff_pyramid"] = cfg.tiff_pyramid
+    # Codec settings, each only where it changes the bytes and differs from what every earlier run used (PNG level 6,
+    # lossy WebP, Pillow's JPEG), so earlier fingerprints stay valid for the same bytes. jpeg_encoder is recorded as
+    # set: "auto" is fingerprinted as "auto" (it resolves to nvJPEG on CUDA actors, Pillow elsewhere; devices are
+    # not part of the fingerprint).
+    if cfg.format == "PNG" and cfg.png_compression != 6:
+        payload["png_compression"] = cfg.png_compression
+    if cfg.webp_lossless:
+        payload["webp_lossless"] = True
+    if cfg.format == "JPEG" and cfg.jpeg_encoder != "pillow":
+        payload["jpeg_encoder"] = cfg.jpeg_encoder
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
