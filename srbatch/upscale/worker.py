@@ -217,16 +217,21 @@ class ImageIO:
     def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
         """Encode and upload one result (on the actor's I/O pool, overlapping the next image's inference, or in an
         encode stage)."""
-        from srbatch.io.images import encode_image
-
         t = time.perf_counter()
-        encoded = encode_image(out, **encode_options(self.cfg))
+        encoded = self._encode(out)
         row["encode_s"] = time.perf_counter() - t
+        alpha = None if self.cfg.format == "JPEG" else out.alpha
         row.update(
-            output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, out.alpha),
+            output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, alpha),
             output_bytes=len(encoded),
         )  # fmt: skip
         row["write_s"] = self._write(out_uri, encoded, fs)
+
+    def _encode(self, out: Any) -> bytes:
+        """The output file's bytes for an upscaled image, with the job's codec settings."""
+        from srbatch.io.images import encode_image
+
+        return encode_image(out, **self.cfg.encode_options())
 
 
 class UpscaleWorker(ModelActor, ImageIO):
@@ -267,6 +272,7 @@ class UpscaleWorker(ModelActor, ImageIO):
             "gpu_ids": ",".join(self.gpu_ids) or None, "actor_id": self.actor_id, "fingerprint": self.fingerprint,
         }  # fmt: skip
         self._local = self.desc.info.local
+        self._jpeg_on_device = self.cfg.jpeg_on_device(self.up.device.type)  # a ConfigError for gpu without CUDA
 
     def _budget(self) -> int:
         return self.up.budget()
@@ -357,7 +363,7 @@ class UpscaleWorker(ModelActor, ImageIO):
                 from srbatch.io.pngstream import write_png_stream
 
                 write_png_stream(fh, bands(), height=oh, width=ow, channels=c, dtype=dtype, has_alpha=has_alpha,
-                                 icc_profile=icc)  # fmt: skip
+                                 icc_profile=icc, level=self.cfg.png_compression)  # fmt: skip
             else:
                 from srbatch.io.tiff import write_tiled_tiff
 
@@ -544,24 +550,25 @@ class UpscaleWorker(ModelActor, ImageIO):
         from srbatch.upscale import stages
 
         self._record_plan(row)
-        if self._gpu_jpeg():
-            from srbatch.io.images import encode_jpeg_tensor
-
+        if self._jpeg_on_device:
             t = time.perf_counter()
-            import torch
-
-            pixels = torch.from_numpy(out.pixels).to(self.up.device, non_blocking=False)
-            data = encode_jpeg_tensor(pixels, quality=self.cfg.quality or 95, icc_profile=out.icc_profile)
+            data = self._encode(out)
             row["encode_s"] = time.perf_counter() - t
             row.update(output_width=out.width, output_height=out.height, output_bytes=len(data),
                        output_mode=image_mode(out.pixels, None))  # fmt: skip
             return stages.ENCODED, data
         return stages.UPSCALED, stages.dumps(out)
 
-    def _gpu_jpeg(self) -> bool:
-        """JPEG outputs are encoded on the GPU (torchvision's nvJPEG) by the model actor."""
-        enc = getattr(self.cfg, "jpeg_encoder", "pillow")
-        return self.cfg.format == "JPEG" and (enc == "gpu" or (enc == "auto" and self.up.device.type == "cuda"))
+    def _encode(self, out: Any) -> bytes:
+        """As :meth:`ImageIO._encode`, but JPEG on the GPU (nvJPEG) when ``jpeg_encoder`` says so."""
+        if not self._jpeg_on_device:
+            return super()._encode(out)
+        import torch
+
+        from srbatch.io.images import encode_jpeg_tensor
+
+        pixels = torch.from_numpy(out.pixels).to(self.up.device)
+        return encode_jpeg_tensor(pixels, quality=self.cfg.quality or 95, icc_profile=out.icc_profile)
 
     def _one(self, uri: str, out_uri: str, data: Any, row: dict[str, Any], out_fs: Any) -> None:
         """Everything for one image the actor does alone: decode (or region reads), upscale, encode, write."""
@@ -588,9 +595,3 @@ def rows_table(rows: list[dict[str, Any]], shared: dict[str, Any]) -> pa.Table:
             pa.array([r.get(f.name) for r in rows], type=f.type) for f in SCHEMA]  # fmt: skip
     return pa.Table.from_arrays(cols, schema=SCHEMA)
 
-
-def encode_options(cfg: UpscaleConfig) -> dict[str, Any]:
-    """The keyword arguments of :func:`~srbatch.io.images.encode_image` for the job's codec settings."""
-    if hasattr(cfg, "encode_options"):
-        return cfg.encode_options()
-    return {"format": cfg.format, "quality": cfg.quality}
