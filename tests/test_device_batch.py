@@ -193,9 +193,8 @@ def test_device_options_on_cpu_and_validation() -> None:
     desc = build_model("edsr-baseline", scale=2, n_resblocks=1, n_feats=8)
     before = torch.backends.cudnn.benchmark
     try:
-        up = Upscaler(desc, device="cpu", channels_last=True)
-        assert up.channels_last is False  # ignored on CPU
-        assert up.stats["compile_s"] == 0.0 and up.device_batch == 8
+        up = Upscaler(desc, device="cpu")
+        assert up.stats["compile_s"] == 0.0 and up.device_batch == 8 and not up.channels_last
         assert torch.backends.cudnn.benchmark == before  # None on CPU: left alone
         Upscaler(desc, device="cpu", cudnn_benchmark=not before)
         assert torch.backends.cudnn.benchmark == (not before)
@@ -207,6 +206,22 @@ def test_device_options_on_cpu_and_validation() -> None:
     with pytest.raises(ConfigError, match="batch"):
         Upscaler(desc, device="cpu").upscale_images([], batch=0)
     assert Upscaler(desc, device="cpu").upscale_images([]) == []
+
+
+def test_channels_last_gives_the_networks_output() -> None:
+    desc = build_model("edsr-baseline", scale=2, n_resblocks=2, n_feats=16)
+    x = torch.rand(2, 3, 20, 24)  # contiguous NCHW: the option converts it
+    with torch.no_grad():
+        eager = desc.module(x)
+    seen: list[bool] = []
+    up = Upscaler(desc, device="cpu", channels_last=True)
+    up.module.head.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    out = up.upscale_tensor(x)
+    assert up.channels_last and seen == [True]
+    assert up.module.head[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert float((out - eager).abs().max()) <= 1e-5
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile (inductor) needs a C++ compiler")

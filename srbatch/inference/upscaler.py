@@ -114,8 +114,10 @@ class Upscaler:
         memory_share: the share of the available memory the auto budget uses (``max_memory=None``).
         device_batch: most whole images per forward pass in :meth:`upscale_images` (fewer when the memory plan says
             that many do not fit).
-        channels_last: keep the network and its inputs in ``torch.channels_last`` (NHWC) on CUDA, where cuDNN's
-            tensor-core convolutions prefer it. Ignored on CPU (measured no faster there, see the README).
+        channels_last: keep the network and its inputs in ``torch.channels_last`` (NHWC), which cuDNN's tensor-core
+            convolutions prefer. On CPU images already reach the network NHWC-strided (decoded ``(H, W, C)`` arrays,
+            permuted), so this changes nothing for them; for contiguous ``upscale_tensor`` inputs it measured 1.93 s
+            instead of 2.62 s per EDSR-baseline x4 256x256 forward on 2 cores.
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` (a process-wide switch: cuDNN times its algorithms
             for each new input shape and keeps the fastest). None: on for CUDA, left as it is on CPU.
         compile: run the network through ``torch.compile``; the first forward (the compilation) is timed in
@@ -178,7 +180,7 @@ class Upscaler:
         else:
             self.module = copy.deepcopy(descriptor.module).to(self._device, self._dtype).eval()
         self._module_fp32: torch.nn.Module | None = self.module if self._dtype == torch.float32 else None
-        self.channels_last = bool(channels_last) and self._device.type == "cuda"
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         if cudnn_benchmark is not None or self._device.type == "cuda":
