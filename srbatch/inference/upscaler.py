@@ -407,7 +407,8 @@ class Upscaler:
     @torch.no_grad()
     def _whole_batch(self, imgs: list[DecodedImage]) -> list[DecodedImage]:
         """Images of one shape, dtype and alpha layout, each run whole, through the network together: one upload,
-        ``len(imgs)`` images per forward pass, one quantised download on CUDA."""
+        ``len(imgs)`` images per forward pass, one quantised download on CUDA (up to :data:`_PINNED_MAX` bytes;
+        image by image above)."""
         pix0 = imgs[0].pixels
         h, w, c = pix0.shape
         dt = pix0.dtype
@@ -426,7 +427,7 @@ class Upscaler:
             del planes
         del src
         outs: list[DecodedImage] = []
-        if self._device.type == "cuda":
+        if self._device.type == "cuda" and n * oh * ow * (c + int(has_alpha)) * dt.itemsize <= _PINNED_MAX:
             full = y if alpha is None else torch.cat([y, alpha[:, None]], 1)
             del y, alpha
             host = _quantize_to_host(full, dt).numpy()  # (n, oh, ow, c [+ 1]), one copy back
