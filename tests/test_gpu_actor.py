@@ -93,6 +93,16 @@ def test_cpu_actor_both_pipelines_write_the_network_output(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_actor_writes_what_the_cpu_actor_writes(tmp_path):
+    # full float32 on the GPU: PyTorch lets cuDNN run float32 convolutions as TF32 by default (10-bit mantissa)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _cuda_against_cpu(tmp_path)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _cuda_against_cpu(tmp_path: Path) -> None:
     _images(tmp_path / "in")
     model = _model(tmp_path)
     cpu = _run(tmp_path, model, "cpu", "fused")

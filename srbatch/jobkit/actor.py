@@ -67,10 +67,12 @@ class ModelActor:
         max_memory: int | None = None,
         memory_share: float = 0.5,
         paper: bool = False,
+        engine: dict[str, Any] | None = None,
     ) -> None:
         """Load ``spec`` once, build the :class:`~srbatch.inference.Upscaler` on the actor's device (``auto``: CUDA
         when torch sees a GPU) with ``tiling`` (a ``TilingConfig``, or a function of the loaded model's descriptor
-        returning one; None: the Upscaler's default), start the I/O thread pool and print the start-up line (which names the device, the
+        returning one; None: the Upscaler's default), ``engine``: further :class:`~srbatch.inference.Upscaler` options
+        (``device_batch``, ``channels_last``, ``compile``), start the I/O thread pool and print the start-up line (which names the device, the
         Ray GPU ids and ``CUDA_VISIBLE_DEVICES``; Ray's log deduplication never folds it)."""
         import torch
 
@@ -89,7 +91,7 @@ class ModelActor:
         if callable(tiling):
             tiling = tiling(self.desc)
         self.up = Upscaler(self.desc, device=device, dtype=dtype, tiling=tiling, outscale=outscale,
-                           max_memory=max_memory, memory_share=memory_share)
+                           max_memory=max_memory, memory_share=memory_share, **(engine or {}))
         self.device = str(self.up.device)
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"srbatch-{self.job}-io")
         name = label or self.desc.name or self.desc.architecture

@@ -262,7 +262,9 @@ class UpscaleWorker(ModelActor, ImageIO):
         self._start_model(self.cfg.model, scale=self.cfg.scale, sha256=self.cfg.sha256, storage_options=self.so,
                           device=self.cfg.device, dtype=self.cfg.dtype, tiling=tiling, outscale=self.cfg.outscale,
                           torch_threads=torch_threads, io_threads=self.cfg.io_threads,
-                          max_memory=self.cfg.max_memory_bytes(), memory_share=memory_share)  # fmt: skip
+                          max_memory=self.cfg.max_memory_bytes(), memory_share=memory_share,
+                          engine={"device_batch": self.cfg.device_batch, "channels_last": self.cfg.channels_last,
+                                  "compile": self.cfg.compile})  # fmt: skip
         self.ref_up = None
         self.window = 2 * self.cfg.io_threads
         """Remote reads requested ahead, and upscaled images waiting for their upload, at most (memory bound)."""
@@ -490,7 +492,7 @@ class UpscaleWorker(ModelActor, ImageIO):
         todo = [i for i, k in enumerate(kinds) if k == stages.DECODED]
         imgs = [stages.loads(payloads[i]) for i in todo]
         t = time.perf_counter()
-        results = self._upscale_many(imgs)
+        results = self.up.upscale_images(imgs) if imgs else []
         per_image = (time.perf_counter() - t) / max(len(todo), 1)
         for i, img, res in zip(todo, imgs, results):
             row = rows[i]
@@ -529,20 +531,6 @@ class UpscaleWorker(ModelActor, ImageIO):
         for row in rows:
             row.update(self._shared)
         return stages.pack(rows, out_kinds, out_payloads)
-
-    def _upscale_many(self, imgs: list[Any]) -> list[Any]:
-        """Upscale decoded images, same-size ones batched on the device; an image's exception in its slot."""
-        if not imgs:
-            return []
-        if hasattr(self.up, "upscale_images"):
-            return self.up.upscale_images(imgs)
-        out: list[Any] = []
-        for img in imgs:
-            try:
-                out.append(self.up.upscale_image(img))
-            except Exception as e:  # noqa: BLE001
-                out.append(e)
-        return out
 
     def _hand_on(self, out: Any, row: dict[str, Any]) -> tuple[str, bytes]:
         """What the model stage passes to the encode stage for one upscaled image: JPEG bytes when they are encoded
