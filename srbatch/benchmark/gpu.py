@@ -65,6 +65,7 @@ def build_parser(prog: str = "jobs/benchmark.py gpu") -> argparse.ArgumentParser
     p.add_argument("--size", type=int, default=None, help="input side in pixels [512; dry run 16]")
     p.add_argument("--images", type=int, default=None, help="end-to-end images [64; dry run 4]")
     p.add_argument("--models", default=None, help="comma-separated models [esrgan,edsr; dry run edsr-baseline]")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated compute dtypes of model-only")
     p.add_argument("--e2e-model", default=None, help="end-to-end model [esrgan; dry run edsr-baseline]")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON object (last line)")
     return p
@@ -398,6 +399,8 @@ def end_to_end(plan: dict[str, Any], device: Any, uuid: str | None) -> dict[str,
                                                          want=want))):  # fmt: skip
             try:
                 result[key] = run()
+                _say(f"end to end, {key}: " + ("not available" if result[key] is None else
+                                               f"{_f(result[key]['images_per_s'])} images/s"))  # fmt: skip
             except Exception as e:  # noqa: BLE001 - reported; the other measurement still runs
                 result[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         return result
@@ -437,7 +440,7 @@ def _plan(a: argparse.Namespace, dry: bool) -> dict[str, Any]:
     models = a.models.split(",") if a.models else (["edsr-baseline"] if dry else ["esrgan", "edsr"])
     return {
         "models": [m.strip() for m in models if m.strip()],
-        "dtypes": ["bfloat16", "float32"],
+        "dtypes": [d.strip() for d in a.dtypes.split(",") if d.strip()],
         "batch_sizes": [1, 2] if dry else [1, 2, 4],
         "size": a.size or (16 if dry else 512),
         "images": a.images or (4 if dry else 64),
@@ -486,6 +489,7 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
         r["matmul"] = None
         r["errors"].append(f"matmul: {type(e).__name__}: {e}")
     peak = r["matmul"]["tflops"] if r["matmul"] else None
+    _say(f"bf16 matmul {plan['matmul_n']}^3: {_f(peak, '.3g')} TFLOP/s")
     r["models"] = []
     for name in plan["models"]:
         torch.manual_seed(0)
@@ -498,6 +502,8 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
                              seconds=plan["measure_s"], deadline=deadline)  # fmt: skip
             _rates(res, flops, peak)
             entry["runs"].append(res)
+            _say(f"{name} {dtype} model-only: {_f(res['images_per_s'])} images/s at batch {res['best_batch']}, "
+                 f"{_f(res['tflops'], '.3g')} TFLOP/s")  # fmt: skip
         if name == plan["models"][0]:
             best = next((x for x in entry["runs"] if x["dtype"] == plan["dtypes"][0]), None)
             for extra in _variants():
@@ -513,6 +519,7 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
                                  seconds=plan["measure_s"], deadline=deadline, extra=extra)  # fmt: skip
                 _rates(res, flops, peak)
                 entry["runs"].append(res)
+                _say(f"{name} {plan['dtypes'][0]} {extra}: {_f(res['images_per_s'])} images/s")
         r["models"].append(entry)
         del desc
         gc.collect()
@@ -546,6 +553,11 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
             r["errors"].append(f"e2e {key}: {v.get('error') or v.get('failures') or 'outputs of the wrong size'}")
     r["seconds"] = time.perf_counter() - t_start
     return r
+
+
+def _say(msg: str) -> None:
+    """Progress on stderr, so that a check stopped by a timeout still shows what it measured."""
+    print(f"gpu check: {msg}", file=sys.stderr, flush=True)
 
 
 def _rates(res: dict[str, Any], flops: int, peak: float | None) -> None:
@@ -656,6 +668,9 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py gpu") 
     a = p.parse_args(argv)
     if a.budget <= 0 or a.measure_s <= 0:
         p.error("--budget and --measure-s must be positive")
+    bad = [d for d in a.dtypes.split(",") if d.strip() not in ("bfloat16", "float16", "float32")]
+    if bad or not a.dtypes.strip():
+        p.error(f"--dtypes: expected a comma-separated list of bfloat16, float16, float32; got {a.dtypes!r}")
     import torch
 
     if not a.dry_run and not torch.cuda.is_available():
