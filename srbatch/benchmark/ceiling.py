@@ -483,7 +483,8 @@ def render(r: dict[str, Any]) -> str:
                                                          f"; warm-up job {j['warmup']['seconds']:.2f} s untimed"),
             f"      per image  {_stages(j['stage_means_s'])} = {_ms(j['stage_sum_s'])} of work (manifest means)",
             f"      overhead   {_ms(j['overhead_per_image_s'])} per image (pipeline s x {j['cluster_cpus']:g} CPUs - "
-            f"stages): {_pct(j['overhead_fraction'])} of the cluster's CPU time",
+            f"stages): {_pct(j['overhead_fraction'])} of the cluster's CPU time (stage times are wall times; stages "
+            "on threads overlap, so this can be negative)",
             f"      outputs checked: {c['identical']} identical of {c['compared']} to {c['against']}",
             f"  (c) ratio job/raw [{j['pipeline']}]  {j['ratio']:.3f}  (goal >= {GOAL_RATIO}: "
             f"{'met' if j['ratio'] >= GOAL_RATIO else 'NOT met'})",

@@ -448,6 +448,7 @@ def _plan(a: argparse.Namespace, dry: bool) -> dict[str, Any]:
         "e2e_dtype": "float32" if dry else "bfloat16",  # bfloat16 convolutions crawl on most CPUs
         "matmul_n": 256 if dry else 8192,
         "measure_s": min(a.measure_s, 0.2) if dry else a.measure_s,
+        "dry": dry,
     }
 
 
@@ -468,21 +469,87 @@ def _variants() -> list[dict[str, Any]]:
     return out
 
 
-def run_check(a: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement, in order, each skipped once the budget is spent; returns the results."""
+def _measure_model(name: str, plan: dict[str, Any], device: Any, deadline: float, peak: float | None) -> dict:
+    """Model-only figures of ``name`` x4 in every dtype of the plan."""
     import gc
 
     import torch
 
     from srbatch.models.loader import build_model
 
+    torch.manual_seed(0)
+    desc = build_model(name, scale=4)
+    flops = count_flops(desc.module, (1, desc.info.in_channels, plan["size"], plan["size"]))
+    entry = {"model": name, "architecture": desc.architecture, "parameters": desc.num_parameters(),
+             "flops_per_image": flops, "runs": []}  # fmt: skip
+    for dtype in plan["dtypes"]:
+        res = model_only(desc, device=device, dtype=dtype, size=plan["size"], batch_sizes=plan["batch_sizes"],
+                         seconds=plan["measure_s"], deadline=deadline)  # fmt: skip
+        _rates(res, flops, peak)
+        entry["runs"].append(res)
+        _say(f"{name} {dtype} model-only: {_f(res['images_per_s'])} images/s at batch {res['best_batch']}, "
+             f"{_f(res['tflops'], '.3g')} TFLOP/s = {_f(res['fraction_of_matmul'], '.1%')} of the matmul")  # fmt: skip
+    del desc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
+def _measure_variants(entry: dict[str, Any], plan: dict[str, Any], device: Any, deadline: float,
+                      peak: float | None) -> None:  # fmt: skip
+    """The engine's ``channels_last`` / ``compile`` options (those it takes) on the first model in the first dtype,
+    at the batch size that was best without them; appended to ``entry["runs"]``."""
+    import torch
+
+    from srbatch.models.loader import build_model
+
+    dtype = "float32" if plan["dry"] else plan["dtypes"][0]  # bfloat16 convolutions crawl on most CPUs
+    best = next((x for x in entry["runs"] if x["dtype"] == dtype and not x["extra"]), None)
+    bs = [best["best_batch"]] if best and best["best_batch"] else plan["batch_sizes"][:1]
+    for extra in _variants():
+        if plan["dry"] and extra.get("compile"):
+            entry["runs"].append({"dtype": dtype, "extra": extra, "skipped": "dry run (torch.compile on the CPU "
+                                  "takes minutes)"})  # fmt: skip
+            continue
+        if time.perf_counter() > deadline - (150 if extra.get("compile") else 10):
+            entry["runs"].append({"dtype": dtype, "extra": extra, "skipped": "time budget"})
+            continue
+        torch.manual_seed(0)
+        desc = build_model(entry["model"], scale=4)
+        res = model_only(desc, device=device, dtype=dtype, size=plan["size"], batch_sizes=bs,
+                         seconds=plan["measure_s"], deadline=deadline, extra=extra)  # fmt: skip
+        _rates(res, entry["flops_per_image"], peak)
+        entry["runs"].append(res)
+        _say(f"{entry['model']} {dtype} {extra}: {_f(res['images_per_s'])} images/s, "
+             f"{_f(res['fraction_of_matmul'], '.1%')} of the matmul")  # fmt: skip
+
+
+def _measure_e2e(plan: dict[str, Any], device: Any, deadline: float, uuid: str | None) -> dict[str, Any]:
+    try:
+        import pydantic  # noqa: F401
+    except ImportError:
+        return {"skipped": "pydantic is missing: the end-to-end part needs the job's config (UpscaleConfig); "
+                "install it (scripts/gpu-check.sh carries the wheels)"}  # fmt: skip
+    if time.perf_counter() > deadline:
+        return {"skipped": "time budget"}
+    try:
+        return end_to_end(plan, device, uuid)
+    except Exception as e:  # noqa: BLE001 - reported; the variants still run
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def run_check(a: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, in order (matmul, model-only, end to end, engine variants), each skipped once the budget
+    is spent; returns the results."""
+    import torch
+
     t_start = time.perf_counter()
     deadline = t_start + a.budget
     dry = a.dry_run
-    device = torch.device("cpu" if dry else "cuda")
+    device = torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
     plan = _plan(a, dry)
     r: dict[str, Any] = {"dry_run": dry, "plan": plan, "env": _env(device), "errors": []}
-    uuid = r["env"].get("uuid")
     try:
         r["matmul"] = matmul_rate(device, plan["matmul_n"], torch.bfloat16, 1.0 if not dry else 0.1)
     except Exception as e:  # noqa: BLE001
@@ -490,55 +557,10 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
         r["errors"].append(f"matmul: {type(e).__name__}: {e}")
     peak = r["matmul"]["tflops"] if r["matmul"] else None
     _say(f"bf16 matmul {plan['matmul_n']}^3: {_f(peak, '.3g')} TFLOP/s")
-    r["models"] = []
-    for name in plan["models"]:
-        torch.manual_seed(0)
-        desc = build_model(name, scale=4)
-        flops = count_flops(desc.module, (1, desc.info.in_channels, plan["size"], plan["size"]))
-        entry = {"model": name, "architecture": desc.architecture, "parameters": desc.num_parameters(),
-                 "flops_per_image": flops, "runs": []}  # fmt: skip
-        for dtype in plan["dtypes"]:
-            res = model_only(desc, device=device, dtype=dtype, size=plan["size"], batch_sizes=plan["batch_sizes"],
-                             seconds=plan["measure_s"], deadline=deadline)  # fmt: skip
-            _rates(res, flops, peak)
-            entry["runs"].append(res)
-            _say(f"{name} {dtype} model-only: {_f(res['images_per_s'])} images/s at batch {res['best_batch']}, "
-                 f"{_f(res['tflops'], '.3g')} TFLOP/s")  # fmt: skip
-        if name == plan["models"][0]:
-            best = next((x for x in entry["runs"] if x["dtype"] == plan["dtypes"][0]), None)
-            for extra in _variants():
-                if dry and extra.get("compile"):
-                    entry["runs"].append({"dtype": "float32", "extra": extra, "skipped": "dry run (torch.compile "
-                                          "on the CPU takes minutes)"})  # fmt: skip
-                    continue
-                if time.perf_counter() > deadline - (120 if extra.get("compile") else 10):
-                    entry["runs"].append({"dtype": plan["dtypes"][0], "extra": extra, "skipped": "time budget"})
-                    continue
-                bs = [best["best_batch"]] if best and best["best_batch"] else plan["batch_sizes"][:1]
-                res = model_only(desc, device=device, dtype=plan["dtypes"][0], size=plan["size"], batch_sizes=bs,
-                                 seconds=plan["measure_s"], deadline=deadline, extra=extra)  # fmt: skip
-                _rates(res, flops, peak)
-                entry["runs"].append(res)
-                _say(f"{name} {plan['dtypes'][0]} {extra}: {_f(res['images_per_s'])} images/s")
-        r["models"].append(entry)
-        del desc
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    r["e2e"] = None
-    try:
-        import pydantic  # noqa: F401
-    except ImportError:
-        r["e2e"] = {"skipped": "pydantic is missing: the end-to-end part needs the job's config (UpscaleConfig); "
-                    "install it (scripts/gpu-check.sh carries the wheels)"}  # fmt: skip
-    if r["e2e"] is None:
-        if time.perf_counter() > deadline:
-            r["e2e"] = {"skipped": "time budget"}
-        else:
-            try:
-                r["e2e"] = end_to_end(plan, device, uuid)
-            except Exception as e:  # noqa: BLE001
-                r["e2e"] = {"error": f"{type(e).__name__}: {e}"}
+    r["models"] = [_measure_model(name, plan, device, deadline, peak) for name in plan["models"]]
+    r["e2e"] = _measure_e2e(plan, device, deadline, r["env"].get("uuid"))
+    if r["models"]:
+        _measure_variants(r["models"][0], plan, device, deadline, peak)
     _e2e_ratios(r)
     for m in r["models"]:
         for run in m["runs"]:
