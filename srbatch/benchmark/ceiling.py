@@ -236,7 +236,10 @@ def _job(cfg: Any, store: Any, stream: Any) -> dict[str, Any]:
 
     from srbatch.upscale import read_manifest, run_job
 
+    from srbatch.benchmark.measure import steady_state
+
     cores = float(ray.cluster_resources().get("CPU", 0.0))
+    wall0 = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     res = run_job(cfg, stream=stream)
     seconds = time.perf_counter() - t0
@@ -245,6 +248,8 @@ def _job(cfg: Any, store: Any, stream: Any) -> dict[str, Any]:
     rows = [r for r in (table.to_pylist() if table is not None else []) if r["run_id"] == cfg.run_id]
     ok = [r for r in rows if r["status"] == "ok"]
     wall = res.pipeline_seconds
+    first = min((r["finished_at"] for r in ok), default=None)
+    steady = steady_state(ok) if ok else {"images_per_s": None, "reason": "no ok rows"}
     return {
         "run_id": cfg.run_id,
         "exit_code": int(res.exit_code),
@@ -255,6 +260,9 @@ def _job(cfg: Any, store: Any, stream: Any) -> dict[str, Any]:
         "pipeline_seconds": wall,
         "images_per_s": res.processed / wall if wall > 0 else 0.0,
         "call_images_per_s": res.processed / seconds if seconds > 0 else 0.0,
+        "first_row_s": (first - wall0).total_seconds() if first is not None else None,
+        "steady_images_per_s": steady["images_per_s"],
+        "steady_note": steady.get("reason"),
         "cluster_cpus": cores,
         **_stage_figures(ok, wall, cores),
         "outputs": {r["input_uri"]: r["output_uri"] for r in ok},
@@ -481,6 +489,10 @@ def render(r: dict[str, Any]) -> str:
             f"{j['pipeline_seconds']:.2f} s of pipeline; run_job {j['seconds']:.2f} s wall, "
             f"{j['call_images_per_s']:.2f} images/s)" + ("" if not j["warmup"] else
                                                          f"; warm-up job {j['warmup']['seconds']:.2f} s untimed"),
+            f"      start-up   first row {_s(j['first_row_s'])} after run_job was called; steady state "
+            + (f"{j['steady_images_per_s']:.2f} images/s after each actor's first batch (ratio to raw "
+               f"{j['steady_images_per_s'] / raw['images_per_s']:.3f})" if j["steady_images_per_s"] else
+               f"n/a ({j['steady_note']}; use more --images)"),
             f"      per image  {_stages(j['stage_means_s'])} = {_ms(j['stage_sum_s'])} of work (manifest means)",
             f"      overhead   {_ms(j['overhead_per_image_s'])} per image (pipeline s x {j['cluster_cpus']:g} CPUs - "
             f"stages): {_pct(j['overhead_fraction'])} of the cluster's CPU time (stage times are wall times; stages "
@@ -503,6 +515,10 @@ def render(r: dict[str, Any]) -> str:
             f"      outputs checked: {loc['check']['identical']} identical of {loc['check']['compared']}",
         ]
     return "\n".join(lines)
+
+
+def _s(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f} s"
 
 
 def _pct(v: float | None) -> str:

@@ -420,9 +420,9 @@ def _env(device: Any) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": cudnn.version() if cudnn.is_available() else None, "device": str(device), "cpus": os.cpu_count(),
-        "cudnn_benchmark": cudnn.benchmark, "cudnn_allow_tf32": getattr(cudnn, "allow_tf32", None),
-        "matmul_allow_tf32": getattr(torch.backends.cuda.matmul, "allow_tf32", None),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": cudnn.benchmark, "cudnn_allow_tf32": _setting(lambda: cudnn.allow_tf32),
+        "matmul_allow_tf32": _setting(lambda: torch.backends.cuda.matmul.allow_tf32),
+        "float32_matmul_precision": _setting(torch.get_float32_matmul_precision),
     }  # fmt: skip
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -434,6 +434,14 @@ def _env(device: Any) -> dict[str, Any]:
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
         info["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()[:200]
     return info
+
+
+def _setting(read: Any) -> Any:
+    """A torch setting, or why it could not be read (newer torch moves some behind a new API)."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable ({type(e).__name__})"
 
 
 def _plan(a: argparse.Namespace, dry: bool) -> dict[str, Any]:
