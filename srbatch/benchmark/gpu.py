@@ -360,14 +360,17 @@ def e2e_local(cfg: Any, warm_cfg: Any, *, uuid: str | None, want: tuple[int, int
         from srbatch.upscale.stages import run_local
     except ImportError:
         return None
-    run_local(warm_cfg)
+    t = time.perf_counter()
+    warm = run_local(warm_cfg)
+    warm_s = time.perf_counter() - t
     poller = GpuPoller(uuid).start()
     t = time.perf_counter()
     lr = run_local(cfg)
     wall = time.perf_counter() - t
     util = poller.stop()
     out = _rows_summary(lr.rows.to_pylist(), lr.seconds, want)
-    out.update(images_per_s=lr.images_per_s, call_seconds=wall, gpu=util)
+    out.update(images_per_s=lr.images_per_s, call_seconds=wall, gpu=util, warmup_call_s=warm_s,
+               warmup_pipeline_s=warm.seconds)  # fmt: skip
     return out
 
 
@@ -683,6 +686,9 @@ def render(r: dict[str, Any]) -> str:
                     f"{v['wrong_size']} of the wrong size, {v['seconds']:.2f} s); e2e/model-only {_f(ratio, '.3f')} "
                     f"(goal >= {GOAL_E2E}: {'met' if ratio and ratio >= GOAL_E2E else 'NOT met'})",
                     f"      per image: {st}",
+                    *([f"      run_local on 1 image before the clock: {v['warmup_pipeline_s']:.2f} s of its pipeline "
+                       f"({v['warmup_call_s']:.2f} s call): mostly the start of its process pool, which its clock includes"]
+                      if "warmup_pipeline_s" in v else []),
                     f"      {_util(v.get('gpu'))}",
                 ]  # fmt: skip
     lines.append("  Ray: not used here (the device machine has none); the Ray side is the same actor class, scheduled "
