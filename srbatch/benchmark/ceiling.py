@@ -1,7 +1,7 @@
 """CPU ceiling benchmark: the upscale job with a near-zero-cost model against the machine's raw decode + encode
 throughput on all cores, same images, same codec settings, same storage, one run.
 
-    python jobs/benchmark.py ceiling                              # 48 x 256x256 PNG, x4 nearest, PNG out, every pipeline
+    python jobs/benchmark.py ceiling                  # 48 x 256x256 PNG, x4 nearest, PNG out, every pipeline
     python jobs/benchmark.py ceiling --pipeline fused --storage s3 --format JPEG --quality 90 --json
 
 With pixel replication as the model, what is left of the job is its own work (read, decode, encode, write) and its

@@ -624,7 +624,8 @@ def _f(v: float | None, fmt: str = ".2f") -> str:
 
 def _util(g: dict[str, Any]) -> str:
     if not g or not g.get("samples"):
-        return f"GPU utilisation: not measured ({'no nvidia-smi or pynvml' if not g or not g['source'] else 'no samples'})"
+        why = "no nvidia-smi or pynvml" if not g or not g["source"] else "no samples"
+        return f"GPU utilisation: not measured ({why})"
     return (f"GPU utilisation ({g['source']}, {g['samples']} samples every 0.2 s): mean {g['util_mean']:.0f}%, p50 "
             f"{g['util_p50']:.0f}%, memory up to {g['memory_max_mib']:.0f} MiB")  # fmt: skip
 
@@ -632,7 +633,8 @@ def _util(g: dict[str, Any]) -> str:
 def render(r: dict[str, Any]) -> str:
     """The printout."""
     env, plan = r["env"], r["plan"]
-    head = "srbatch GPU check" + (" -- DRY RUN on the CPU (tiny sizes; the figures mean nothing)" if r["dry_run"] else "")
+    head = "srbatch GPU check" + (" -- DRY RUN on the CPU (tiny sizes; the figures mean nothing)" if r["dry_run"]
+                                  else "")
     lines = [
         head,
         f"  python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, {env['cpus']} CPUs",
@@ -662,8 +664,9 @@ def render(r: dict[str, Any]) -> str:
             if m["model"] == "esrgan" and run["dtype"] == "bfloat16" and run["fraction_of_matmul"] is not None:
                 goal = f" (goal >= {GOAL_MFU:.0%}: {'met' if run['fraction_of_matmul'] >= GOAL_MFU else 'NOT met'})"
             warm = max((x.get("warmup_s") or 0.0 for x in run["per_batch"].values()), default=0.0)
+            frac = run["fraction_of_matmul"]
             lines.append(f"{label}: {_f(run['images_per_s'])} images/s at batch {run['best_batch']} [{per}] = "
-                         f"{_f(run['tflops'], '.3g')} TFLOP/s, {_f(run['fraction_of_matmul'] and 100 * run['fraction_of_matmul'], '.0f')}% of the bf16 "
+                         f"{_f(run['tflops'], '.3g')} TFLOP/s, {_f(frac and 100 * frac, '.0f')}% of the bf16 "
                          f"matmul{goal}; longest warm-up {warm:.2f} s; via {run['engine']}")  # fmt: skip
     e = r["e2e"] or {}
     if "skipped" in e or "error" in e:
@@ -680,14 +683,16 @@ def render(r: dict[str, Any]) -> str:
                 lines.append(f"    {what}: ERROR {v['error']}")
             else:
                 ratio = v.get("ratio_to_model_only")
-                st = ", ".join(f"{k.removesuffix('_s')} {_f(s and s * 1e3, '.1f')} ms" for k, s in v["stage_means_s"].items())
+                st = ", ".join(f"{k.removesuffix('_s')} {_f(s and s * 1e3, '.1f')} ms"
+                               for k, s in v["stage_means_s"].items())
                 lines += [
                     f"    {what}: {_f(v['images_per_s'])} images/s ({v['ok']} ok, {v['failed']} failed, "
                     f"{v['wrong_size']} of the wrong size, {v['seconds']:.2f} s); e2e/model-only {_f(ratio, '.3f')} "
                     f"(goal >= {GOAL_E2E}: {'met' if ratio and ratio >= GOAL_E2E else 'NOT met'})",
                     f"      per image: {st}",
                     *([f"      run_local on 1 image before the clock: {v['warmup_pipeline_s']:.2f} s of its pipeline "
-                       f"({v['warmup_call_s']:.2f} s call): mostly the start of its process pool, which its clock includes"]
+                       f"({v['warmup_call_s']:.2f} s call): mostly the start of its process pool, which its clock "
+                       "includes"]
                       if "warmup_pipeline_s" in v else []),
                     f"      {_util(v.get('gpu'))}",
                 ]  # fmt: skip
