@@ -126,3 +126,25 @@ def test_poller_samples_a_fake_nvidia_smi(tmp_path, monkeypatch):
     assert s["source"] == "nvidia-smi" and s["samples"] >= 3
     assert s["samples"] == len(calls.read_text().split())
     assert s["util_mean"] == 70.0 and s["util_p50"] == 70.0 and s["memory_max_mib"] == 2000.0
+
+
+def test_sigterm_still_prints_what_was_measured():
+    """`timeout` stops the check with SIGTERM: the report of the parts done so far is printed, exit code 1."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "srbatch.benchmark.gpu", "--dry-run", "--json"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in p.stderr:  # the matmul is done and the first model is being measured (seconds in bfloat16)
+            if line.startswith("gpu check: bf16 matmul"):
+                break
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 1, out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["matmul"]["tflops"] > 0 and r["e2e"] is None
+    assert any("stopped by SIGTERM" in e for e in r["errors"])
+    assert "bf16 matmul 256^3" in out and "stopped by SIGTERM" in out

@@ -289,6 +289,8 @@ def model_only(desc: Any, *, device: Any, dtype: str, size: int, batch_sizes: li
                       "output_shape": list(y.shape), "finite": bool(torch.isfinite(y).all())}  # fmt: skip
         except oom as e:  # a result (this batch does not fit), not a failure
             per[b] = {"oom": str(e).splitlines()[0][:200]}
+        except _Stopped:
+            raise
         except Exception as e:  # noqa: BLE001 - reported; the other batch sizes still run
             per[b] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
@@ -404,6 +406,8 @@ def end_to_end(plan: dict[str, Any], device: Any, uuid: str | None) -> dict[str,
                 result[key] = run()
                 _say(f"end to end, {key}: " + ("not available" if result[key] is None else
                                                f"{_f(result[key]['images_per_s'])} images/s"))  # fmt: skip
+            except _Stopped:
+                raise
             except Exception as e:  # noqa: BLE001 - reported; the other measurement still runs
                 result[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         return result
@@ -480,8 +484,9 @@ def _variants() -> list[dict[str, Any]]:
     return out
 
 
-def _measure_model(name: str, plan: dict[str, Any], device: Any, deadline: float, peak: float | None) -> dict:
-    """Model-only figures of ``name`` x4 in every dtype of the plan."""
+def _measure_model(name: str, plan: dict[str, Any], device: Any, deadline: float, peak: float | None,
+                   into: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Model-only figures of ``name`` x4 in every dtype of the plan, appended to ``into`` as they come."""
     import gc
 
     import torch
@@ -493,6 +498,7 @@ def _measure_model(name: str, plan: dict[str, Any], device: Any, deadline: float
     flops = count_flops(desc.module, (1, desc.info.in_channels, plan["size"], plan["size"]))
     entry = {"model": name, "architecture": desc.architecture, "parameters": desc.num_parameters(),
              "flops_per_image": flops, "runs": []}  # fmt: skip
+    into.append(entry)
     for dtype in plan["dtypes"]:
         res = model_only(desc, device=device, dtype=dtype, size=plan["size"], batch_sizes=plan["batch_sizes"],
                          seconds=plan["measure_s"], deadline=deadline)  # fmt: skip
@@ -504,7 +510,6 @@ def _measure_model(name: str, plan: dict[str, Any], device: Any, deadline: float
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return entry
 
 
 def _measure_variants(entry: dict[str, Any], plan: dict[str, Any], device: Any, deadline: float,
@@ -523,7 +528,7 @@ def _measure_variants(entry: dict[str, Any], plan: dict[str, Any], device: Any, 
             entry["runs"].append({"dtype": dtype, "extra": extra, "skipped": "dry run (torch.compile on the CPU "
                                   "takes minutes)"})  # fmt: skip
             continue
-        if time.perf_counter() > deadline - (150 if extra.get("compile") else 10):
+        if time.perf_counter() > deadline - (120 if extra.get("compile") else 10):
             entry["runs"].append({"dtype": dtype, "extra": extra, "skipped": "time budget"})
             continue
         torch.manual_seed(0)
@@ -546,13 +551,23 @@ def _measure_e2e(plan: dict[str, Any], device: Any, deadline: float, uuid: str |
         return {"skipped": "time budget"}
     try:
         return end_to_end(plan, device, uuid)
+    except _Stopped:
+        raise
     except Exception as e:  # noqa: BLE001 - reported; the variants still run
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+class _Stopped(Exception):
+    """SIGTERM (``timeout`` stopping the check): report what was measured so far."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped()
+
+
 def run_check(a: argparse.Namespace) -> dict[str, Any]:
     """Every measurement, in order (matmul, model-only, end to end, engine variants), each skipped once the budget
-    is spent; returns the results."""
+    is spent; returns the results, also those measured before a SIGTERM when :func:`main` set the handler."""
     import torch
 
     t_start = time.perf_counter()
@@ -560,18 +575,28 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
     dry = a.dry_run
     device = torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
     plan = _plan(a, dry)
-    r: dict[str, Any] = {"dry_run": dry, "plan": plan, "env": _env(device), "errors": []}
+    r: dict[str, Any] = {"dry_run": dry, "plan": plan, "env": _env(device), "errors": [], "matmul": None,
+                         "models": [], "e2e": None}  # fmt: skip
     try:
-        r["matmul"] = matmul_rate(device, plan["matmul_n"], torch.bfloat16, 1.0 if not dry else 0.1)
-    except Exception as e:  # noqa: BLE001
-        r["matmul"] = None
-        r["errors"].append(f"matmul: {type(e).__name__}: {e}")
-    peak = r["matmul"]["tflops"] if r["matmul"] else None
-    _say(f"bf16 matmul {plan['matmul_n']}^3: {_f(peak, '.3g')} TFLOP/s")
-    r["models"] = [_measure_model(name, plan, device, deadline, peak) for name in plan["models"]]
-    r["e2e"] = _measure_e2e(plan, device, deadline, r["env"].get("uuid"))
-    if r["models"]:
-        _measure_variants(r["models"][0], plan, device, deadline, peak)
+        try:
+            r["matmul"] = matmul_rate(device, plan["matmul_n"], torch.bfloat16, 1.0 if not dry else 0.1)
+        except _Stopped:
+            raise
+        except Exception as e:  # noqa: BLE001
+            r["errors"].append(f"matmul: {type(e).__name__}: {e}")
+        peak = r["matmul"]["tflops"] if r["matmul"] else None
+        _say(f"bf16 matmul {plan['matmul_n']}^3: {_f(peak, '.3g')} TFLOP/s")
+        for name in plan["models"]:
+            _measure_model(name, plan, device, deadline, peak, into=r["models"])
+        if not dry and time.perf_counter() > deadline - 60:
+            r["e2e"] = {"skipped": "time budget (the end-to-end part needs about a minute)"}
+        else:
+            r["e2e"] = _measure_e2e(plan, device, deadline, r["env"].get("uuid"))
+        if r["models"]:
+            _measure_variants(r["models"][0], plan, device, deadline, peak)
+    except _Stopped:
+        r["errors"].append("stopped by SIGTERM (the time limit) before the end: the figures above are those "
+                           "measured until then")  # fmt: skip
     _e2e_ratios(r)
     for m in r["models"]:
         for run in m["runs"]:
@@ -718,7 +743,16 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py gpu") 
         print(f"{prog}: no CUDA device here (torch {torch.__version__}, CUDA {torch.version.cuda}); run on a GPU "
               "machine, or use --dry-run to try every path on the CPU", file=sys.stderr)  # fmt: skip
         return 2
-    r = run_check(a)
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    try:
+        r = run_check(a)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(render(r), flush=True)
     if a.json:
         print(json.dumps(r, default=str), flush=True)
