@@ -29,6 +29,8 @@ SUBCOMMANDS = {
     "listing": "srbatch.benchmark.listing",  # listing 100k objects on a local S3 server and a local folder
     "large": "srbatch.benchmark.large",  # peak memory of one 24 MP photo or one gigapixel TIFF
     "bicubic": "srbatch.benchmark.bicubic",  # the fast MATLAB bicubic against Pillow, and its accuracy
+    "ceiling": "srbatch.benchmark.ceiling",  # the job with a near-free model against raw decode+encode on all cores
+    "gpu": "srbatch.benchmark.gpu",  # model-only and end-to-end images/s, TFLOP/s and utilisation on a GPU
 }
 """Benchmarks with their own flags: ``jobs/benchmark.py NAME --help``."""
 
