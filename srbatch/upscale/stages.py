@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from srbatch.jobkit.actor import error_fields
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.worker import STREAM_OUTPUT_BYTES, ImageIO, _StreamedTiff, rows_table
+from srbatch.upscale.worker import STREAM_OUTPUT_BYTES, ImageIO, _StreamedTiff, image_mode, rows_table
 
 __all__ = ["DECODED", "UPSCALED", "ENCODED", "BYTES", "LARGE", "DONE", "STAGE_SCHEMA", "decode_batch",
            "encode_batch", "run_local", "LocalRun", "DECODED_BYTES"]  # fmt: skip
@@ -190,21 +190,41 @@ def encode_batch(batch: Any, *, config: dict[str, Any], budget: int) -> pa.Table
     rows, kinds, payloads = unpack(batch)
     out_fs = io._filesystem([r["output_uri"] for r in rows if r.get("output_uri")] or ["/"]) if rows else None
 
-    def finish(i: int) -> None:
-        row, kind = rows[i], kinds[i]
-        if kind not in (UPSCALED, ENCODED):
-            return
+    def write(i: int, data: bytes) -> None:
+        row = rows[i]
         try:
-            if kind == UPSCALED:
-                io._encode_and_write(loads(payloads[i]), row["output_uri"], row, out_fs)
-            else:
-                row["write_s"] = io._write(row["output_uri"], payloads[i], out_fs)
+            row["write_s"] = io._write(row["output_uri"], data, out_fs)
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - one failed write is one failed row
             row.update(error_fields(e), output_uri=None, status="failed")
 
-    # encodes (zlib releases the GIL) and uploads overlap on the stage's threads
-    list(io.pool.map(finish, range(len(rows))))
+    # One encode at a time on this task's thread (the task holds one CPU; more stage tasks run side by side in other
+    # processes, without sharing a GIL); the uploads wait on the thread pool, at most `window` at once.
+    uploads: list[Any] = []
+    for i, (row, kind) in enumerate(zip(rows, kinds)):
+        if kind not in (UPSCALED, ENCODED):
+            continue
+        try:
+            if kind == UPSCALED:
+                out = loads(payloads[i])
+                t = time.perf_counter()
+                data = io._encode(out)
+                row["encode_s"] = time.perf_counter() - t
+                alpha = None if io.cfg.format == "JPEG" else out.alpha
+                row.update(output_width=out.width, output_height=out.height, output_bytes=len(data),
+                           output_mode=image_mode(out.pixels, alpha))  # fmt: skip
+                del out
+            else:
+                data = payloads[i]
+            payloads[i] = None
+            while len([u for u in uploads if not u.done()]) >= io.window:
+                uploads[next(k for k, u in enumerate(uploads) if not u.done())].result()
+            uploads.append(io.pool.submit(write, i, data))
+            del data
+        except Exception as e:  # noqa: BLE001 - one failed encode is one failed row
+            row.update(error_fields(e), output_uri=None, status="failed")
+    for u in uploads:
+        u.result()
     for row in rows:
         row["total_s"] = sum(row.get(k) or 0.0 for k in ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))
     return rows_table(rows, {"finished_at": datetime.now(timezone.utc)})
