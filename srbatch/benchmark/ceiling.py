@@ -71,6 +71,8 @@ def build_parser(prog: str = "jobs/benchmark.py ceiling") -> argparse.ArgumentPa
                    help="the job's pipeline; all: fused, then stages")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="processes of the raw pool [every CPU]")
     p.add_argument("--batch-size", type=int, default=None, help="the job's batch size [the job's default]")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="the job's torch threads per actor [the job's default: the CPUs / actors]")  # fmt: skip
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed 1-image job per pipeline (Ray Data's first pipeline pays one-off costs)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the results as one JSON object (last line)")
@@ -202,6 +204,8 @@ def _config(store: Any, run_id: str, model: str, a: argparse.Namespace, pipeline
                               progress=False, run_id=run_id, endpoint_url=store.endpoint)  # fmt: skip
     if a.batch_size is not None:
         kw["batch_size"] = a.batch_size
+    if a.torch_threads is not None:
+        kw["torch_threads"] = a.torch_threads
     if a.png_compression is not None and "png_compression" in fields:
         kw["png_compression"] = a.png_compression
     if a.webp_lossless and "webp_lossless" in fields:
@@ -533,7 +537,7 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py ceilin
     ray_env_defaults()  # before Ray is imported: a new single-machine cluster binds every port to 127.0.0.1
     p = build_parser(prog)
     a = p.parse_args(argv)
-    for name in ("images", "size", "scale", "workers", "batch_size"):
+    for name in ("images", "size", "scale", "workers", "batch_size", "torch_threads"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(a, name)}")
     if a.png_compression is not None and not 0 <= a.png_compression <= 9:
