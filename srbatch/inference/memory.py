@@ -15,10 +15,12 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from srbatch.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the job's CPU steps parse sizes without loading it
+    import torch
 
 __all__ = ["available_memory", "bound_heap", "format_bytes", "measure_peak", "parse_bytes", "peak_rss", "rss"]
 
@@ -168,6 +170,8 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> int | None:
     process's peak RSS over its RSS before (heap trimmed first). None when it cannot be measured (not Linux)."""
     gc.collect()
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
