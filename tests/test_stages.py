@@ -4,7 +4,6 @@ engine's own output for the same input (tests/_expect.py), never only its size."
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +12,11 @@ import pytest
 from PIL import Image
 
 from _expect import assert_as_engine
+from test_job import _jpeg, _png
 from srbatch.upscale import UpscaleConfig, read_manifest, run_job
 from srbatch.upscale import stages
 from srbatch.upscale.manifest import SCHEMA
 from srbatch.upscale.worker import UpscaleWorker
-
-
-def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _dataset(seed: int = 0) -> tuple[dict[str, bytes], list[str]]:
@@ -158,3 +146,21 @@ def test_run_local_without_ray(tmp_path):
             assert status[str(root / k)] == "ok"
             assert_as_engine(tmp_path / "out" / _out(k), v, model="bicubic", scale=2, name=k)
     assert isinstance(run.rows, pa.Table)
+
+
+def test_the_quality_audit_is_the_same_in_both_pipelines(tmp_path):
+    """--reference self in the model step gives the fused actor's figures (test_job checks those against
+    `srbatch evaluate`); numpy metrics survive the hand-over between steps."""
+    rng = np.random.default_rng(3)
+    root = _local(tmp_path, {"t.png": _png(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8))})
+    items = {"input_uri": [str(root / "t.png")], "output_uri": [str(tmp_path / "o" / "t.png")], "run_id": ["r"]}
+    conf = UpscaleConfig(input=str(root), output=str(tmp_path / "o"), model="bicubic", scale=2,
+                         reference="self").model_dump()  # fmt: skip
+    worker = UpscaleWorker(conf, fingerprint="f" * 16, torch_threads=1)
+    fused = worker({k: np.array(v, dtype=object) for k, v in items.items()}).to_pylist()[0]
+    staged = stages.encode_batch(stages._columns(worker(stages._columns(
+        stages.decode_batch(items, config=conf, scale=2.0, budget=2**30)))), config=conf, budget=2**30).to_pylist()[0]
+    assert fused["status"] == staged["status"] == "ok"
+    for k in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"):
+        assert staged[k] is not None and staged[k] == pytest.approx(fused[k], abs=1e-9), k
+    assert 10 < staged["psnr_y"] < 60

@@ -71,9 +71,14 @@ def loads(data: Any) -> Any:
 
 def pack(rows: list[dict[str, Any]], kinds: list[str], payloads: list[bytes | None]) -> pa.Table:
     """The stage table of ``rows`` (JSON), ``kinds`` and ``payloads``."""
-    text = [json.dumps({k: v for k, v in r.items() if isinstance(v, _JSONABLE)}) for r in rows]
+    text = [json.dumps({k: _plain(v) for k, v in r.items() if isinstance(_plain(v), _JSONABLE)}) for r in rows]
     return pa.Table.from_arrays([pa.array(text, pa.large_string()), pa.array(kinds, pa.string()),
                                  pa.array(payloads, pa.large_binary())], schema=STAGE_SCHEMA)  # fmt: skip
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars (metrics, sizes) as the Python numbers JSON takes."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def unpack(batch: Any) -> tuple[list[dict[str, Any]], list[str], list[Any]]:

@@ -48,10 +48,12 @@ class Bicubic(nn.Module):
         return f"scale={self.scale}, channels={self.channels}" + (", exact=True" if self.exact else "")
 
 
-def info(hparams: Mapping[str, Any]) -> ArchInfo:
-    """Static facts: RGB (or single-channel ``L``) in and out, no upsampled input, a 4-pixel halo for tiling."""
-    scale = positive_int("bicubic", "scale", hparams.get("scale"))
+def interpolation_info(name: str, hparams: Mapping[str, Any], *, halo: int, local: bool | None = None) -> ArchInfo:
+    """Static facts of a weight-free interpolation ``name``: RGB (or single-channel ``L``) in and out at
+    ``hparams["scale"]``, no upsampled input, a ``halo``-pixel context for tiling."""
+    scale = positive_int(name, "scale", hparams.get("scale"))
     channels = int(hparams.get("channels", 3))
+    extra = {} if local is None else {"local": local}
     return ArchInfo(
         scale=scale,
         in_channels=channels,
@@ -59,13 +61,19 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
         color_space="RGB" if channels == 3 else "L",
         input_upsampled=False,
         size_multiple=1,
-        receptive_halo=4,
+        receptive_halo=halo,
         tile_hint=None,
+        **extra,
     )
 
 
+def info(hparams: Mapping[str, Any]) -> ArchInfo:
+    """Static facts: RGB (or single-channel ``L``) in and out, no upsampled input, a 4-pixel halo for tiling."""
+    return interpolation_info("bicubic", hparams, halo=4)
+
+
 def detect(state_dict: StateDict) -> Detection | None:
-    """Always None: bicubic has no weights, so no checkpoint is ever recognised as bicubic."""
+    """Always None: an interpolation has no weights, so no checkpoint is ever recognised as one."""
     del state_dict
     return None
 

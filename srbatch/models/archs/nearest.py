@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from srbatch.models.arch_api import ArchInfo, Architecture, Detection, StateDict, positive_int
+from srbatch.models.arch_api import ArchInfo, Architecture, positive_int
+from srbatch.models.archs.bicubic import detect, interpolation_info
 
 __all__ = ["ARCH", "Nearest", "detect", "info"]
 
@@ -36,25 +37,7 @@ class Nearest(nn.Module):
 
 def info(hparams: Mapping[str, Any]) -> ArchInfo:
     """Static facts: RGB (or single-channel ``L``) in and out, no halo (each output pixel is one input pixel)."""
-    scale = positive_int("nearest", "scale", hparams.get("scale"))
-    channels = int(hparams.get("channels", 3))
-    return ArchInfo(
-        scale=scale,
-        in_channels=channels,
-        out_channels=channels,
-        color_space="RGB" if channels == 3 else "L",
-        input_upsampled=False,
-        size_multiple=1,
-        receptive_halo=0,
-        tile_hint=None,
-        local=True,
-    )
-
-
-def detect(state_dict: StateDict) -> Detection | None:
-    """Always None: nearest has no weights, so no checkpoint is ever recognised as nearest."""
-    del state_dict
-    return None
+    return interpolation_info("nearest", hparams, halo=0, local=True)
 
 
 ARCH = Architecture(
