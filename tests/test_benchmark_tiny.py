@@ -221,16 +221,17 @@ def test_actor_holds_at_most_window_upscaled_images_waiting_for_upload(tmp_path)
     assert max(queued) <= w.window - 1, queued  # one upload running, the others of the window queued
 
 
-def test_actor_outside_ray_does_not_start_ray(tmp_path):
-    import ray
+def test_actor_outside_ray_does_not_start_ray():
+    """In a fresh interpreter (this test process may already hold the session's Ray connection): asking for the
+    actor's identity outside Ray answers "pid-N" and starts no Ray."""
+    import subprocess
+    import sys
 
-    from srbatch.jobkit.actor import ray_identity
-
-    if ray.is_initialized():
-        pytest.skip("a Ray connection already exists in this test process")
-    actor, gpus = ray_identity()
-    assert actor.startswith("pid-") and gpus == []
-    assert not ray.is_initialized()
+    code = ("import ray; from srbatch.jobkit.actor import ray_identity; actor, gpus = ray_identity(); "
+            "assert actor.startswith('pid-') and gpus == [], (actor, gpus); "
+            "assert not ray.is_initialized(), 'ray_identity started Ray'; print('OK')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
