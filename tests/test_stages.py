@@ -4,6 +4,7 @@ engine's own output for the same input (tests/_expect.py), never only its size."
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,10 @@ def test_decode_stage_leaves_large_images_to_the_actor():
     assert stages._large(big, 4.0, 2**27)  # 211 MB of output samples: streamed by the actor
     assert stages._large(huge, 1.0, 2**27)
     assert not stages._large(b"not an image", 4.0, 2**27)  # decode_image reports it
+    palette = Image.fromarray(np.zeros((2100, 2100), np.uint8), "P")  # 4.4 MB as indices, 13-18 MB decoded
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG")
+    assert stages._large(buf.getvalue(), 1.0, 2**27)
 
 
 def test_run_local_without_ray(tmp_path):

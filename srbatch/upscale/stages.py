@@ -178,7 +178,7 @@ def _large(data: bytes, scale: float, max_pixels: int) -> bool:
     try:
         im = _open_header(data)
         w, h = im.size
-        bands = len(im.getbands())
+        bands = 4 if im.mode in ("P", "PA") else len(im.getbands())  # a palette decodes to RGB(A)
         depth = 2 if im.mode.startswith("I") or ";16" in im.mode else 1
     except Exception:  # noqa: BLE001 - decode_image reports it
         return False
