@@ -545,8 +545,7 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py ceilin
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from srbatch.benchmark.prepare import BenchmarkError, Storage
     from srbatch.benchmark.report import machine_info
-    from srbatch.benchmark.tiny import _start_ray
-    from srbatch.errors import SrbatchError
+    from srbatch.benchmark.tiny import run_with_ray
 
     load_before = os.getloadavg()
     machine = machine_info("cpu")
@@ -556,22 +555,13 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py ceilin
     except BenchmarkError as e:
         print(f"benchmark ceiling: {e}", file=sys.stderr)
         return 2
-    started = False
-    try:
-        ray_info = _start_ray(store)
-        started = ray_info["started"]
-        result = run_ceiling(store, a, stream=sys.stderr if a.json else out)
-    except (SrbatchError, BenchmarkError, _SetupError) as e:
-        print(f"benchmark ceiling: {type(e).__name__}: {e}", file=sys.stderr)
+    done = run_with_ray("ceiling", store, lambda: run_ceiling(store, a, stream=sys.stderr if a.json else out),
+                        errors=(_SetupError,))  # fmt: skip
+    if done is None:
         return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-        store.close()
+    result, ray_info = done
     result.update(machine=machine, load_avg_before=load_before, load_avg_after=os.getloadavg(), ray=ray_info,
-                  storage=store.describe() if store.kind == "local" else "s3 (moto server on 127.0.0.1, for this run)")  # fmt: skip
+                  storage=store.label())  # fmt: skip
     print(render(result), file=out, flush=True)
     code = 0
     runs = [(f"job [{j['pipeline']}]", j) for j in result["jobs"]] + [("raw pool", result["raw"])]

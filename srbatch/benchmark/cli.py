@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py") -> i
         "n_images": len(inputs.files),
         "image_size": size_txt,
         "inputs": inputs.source,
-        "storage": store.describe() if args.storage == "local" else "s3 (moto server on 127.0.0.1, for this run)",
+        "storage": store.label(),
         "tile": args.tile,
         "batch_size": args.batch_size,
         "bare": bare,

@@ -156,6 +156,10 @@ class Storage:
     def describe(self) -> str:
         return f"s3 (moto server at {self.endpoint})" if self.kind == "s3" else f"local folder {self.root}"
 
+    def label(self) -> str:
+        """The storage as a benchmark report names it (the S3 server's port is of no interest once it is gone)."""
+        return self.describe() if self.kind == "local" else "s3 (moto server on 127.0.0.1, for this run)"
+
     def close(self) -> None:
         if self.server is not None:
             try:

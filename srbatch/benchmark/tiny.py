@@ -31,6 +31,7 @@ import posixpath
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -268,6 +269,31 @@ def _start_ray(store: Any) -> dict[str, Any]:
             "first_task_s": first_task_s, "data_import_s": _import_ray_data()}  # fmt: skip
 
 
+def run_with_ray(name: str, store: Any, body: Callable[[], dict[str, Any]], *, close_store: bool = True,
+                 errors: tuple[type[BaseException], ...] = ()) -> tuple[dict[str, Any], dict[str, Any]] | None:  # fmt: skip
+    """``(body(), ray_info)`` with Ray started (or joined) first by :func:`_start_ray`, the cluster this started shut
+    down and ``store`` closed after; a setup error (srbatch's, a :class:`BenchmarkError` or one of ``errors``) is
+    printed as benchmark ``name``'s and gives None."""
+    from srbatch.benchmark.prepare import BenchmarkError
+    from srbatch.errors import SrbatchError
+
+    started = False
+    try:
+        ray_info = _start_ray(store)
+        started = ray_info["started"]
+        return body(), ray_info
+    except (SrbatchError, BenchmarkError, *errors) as e:
+        print(f"benchmark {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        if close_store:
+            store.close()
+
+
 def _import_ray_data() -> float:
     """Import Ray Data in the driver (seconds): once per driver process, so that every job run below is timed alike."""
     t = time.perf_counter()
@@ -407,7 +433,6 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py tiny",
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from srbatch.benchmark.prepare import BenchmarkError, Storage
     from srbatch.benchmark.report import machine_info
-    from srbatch.errors import SrbatchError
 
     load = os.getloadavg()[0]
     out = sys.stdout
@@ -416,23 +441,13 @@ def main(argv: list[str] | None = None, *, prog: str = "jobs/benchmark.py tiny",
     except BenchmarkError as e:
         print(f"benchmark tiny: {e}", file=sys.stderr)
         return 2
-    started = False
-    try:
-        ray_info = _start_ray(store)
-        started = ray_info["started"]
-        result = run_tiny(store, a, stream=sys.stderr if a.json else out)
-    except (SrbatchError, BenchmarkError) as e:
-        print(f"benchmark tiny: {type(e).__name__}: {e}", file=sys.stderr)
+    done = run_with_ray("tiny", store, lambda: run_tiny(store, a, stream=sys.stderr if a.json else out),
+                        close_store=storage is None)  # fmt: skip
+    if done is None:
         return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-        if storage is None:
-            store.close()
+    result, ray_info = done
     result.update(machine=machine_info("cuda" if a.device == "cuda" else "cpu"), load_avg_1m=load, ray=ray_info,
-                  storage=store.describe() if store.kind == "local" else "s3 (moto server on 127.0.0.1, for this run)")
+                  storage=store.label())  # fmt: skip
     print(render(result), file=out, flush=True)
     code = 0
     for j in result["jobs"]:

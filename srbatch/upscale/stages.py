@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from srbatch.jobkit.actor import error_fields
 from srbatch.upscale.config import UpscaleConfig
-from srbatch.upscale.worker import STREAM_OUTPUT_BYTES, ImageIO, _StreamedTiff, image_mode, rows_table
+from srbatch.upscale.worker import STREAM_OUTPUT_BYTES, ImageIO, _StreamedTiff, rows_table
 
 __all__ = ["DECODED", "UPSCALED", "ENCODED", "BYTES", "LARGE", "DONE", "STAGE_SCHEMA", "decode_batch",
            "encode_batch", "run_local", "LocalRun", "DECODED_BYTES"]  # fmt: skip
@@ -205,30 +205,20 @@ def encode_batch(batch: Any, *, config: dict[str, Any], budget: int) -> pa.Table
 
     # One encode at a time on this task's thread (the task holds one CPU; more stage tasks run side by side in other
     # processes, without sharing a GIL); the uploads wait on the thread pool, at most `window` at once.
-    uploads: list[Any] = []
+    pending: list[Any] = []
     for i, (row, kind) in enumerate(zip(rows, kinds)):
         if kind not in (UPSCALED, ENCODED):
             continue
         try:
-            if kind == UPSCALED:
-                out = loads(payloads[i])
-                t = time.perf_counter()
-                data = io._encode(out)
-                row["encode_s"] = time.perf_counter() - t
-                alpha = None if io.cfg.format == "JPEG" else out.alpha
-                row.update(output_width=out.width, output_height=out.height, output_bytes=len(data),
-                           output_mode=image_mode(out.pixels, alpha))  # fmt: skip
-                del out
-            else:
-                data = payloads[i]
+            data = io._encode_row(loads(payloads[i]), row) if kind == UPSCALED else payloads[i]
             payloads[i] = None
-            while len([u for u in uploads if not u.done()]) >= io.window:
-                uploads[next(k for k, u in enumerate(uploads) if not u.done())].result()
-            uploads.append(io.pool.submit(write, i, data))
+            while len(pending) >= io.window:  # the oldest upload first
+                pending.pop(0).result()
+            pending.append(io.pool.submit(write, i, data))
             del data
         except Exception as e:  # noqa: BLE001 - one failed encode is one failed row
             row.update(error_fields(e), output_uri=None, status="failed")
-    for u in uploads:
+    for u in pending:
         u.result()
     for row in rows:
         row["total_s"] = sum(row.get(k) or 0.0 for k in ("read_s", "decode_s", "infer_s", "encode_s", "write_s"))

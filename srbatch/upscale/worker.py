@@ -215,17 +215,18 @@ class ImageIO:
         return time.perf_counter() - t0
 
     def _encode_and_write(self, out: Any, out_uri: str, row: dict[str, Any], fs: Any) -> None:
-        """Encode and upload one result (on the actor's I/O pool, overlapping the next image's inference, or in an
-        encode stage)."""
+        """Encode and upload one result on the actor's I/O pool, overlapping the next image's inference."""
+        row["write_s"] = self._write(out_uri, self._encode_row(out, row), fs)
+
+    def _encode_row(self, out: Any, row: dict[str, Any]) -> bytes:
+        """The output file's bytes for ``out``; its encode time and output size/mode recorded in ``row``."""
         t = time.perf_counter()
         encoded = self._encode(out)
         row["encode_s"] = time.perf_counter() - t
         alpha = None if self.cfg.format == "JPEG" else out.alpha
-        row.update(
-            output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, alpha),
-            output_bytes=len(encoded),
-        )  # fmt: skip
-        row["write_s"] = self._write(out_uri, encoded, fs)
+        row.update(output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, alpha),
+                   output_bytes=len(encoded))  # fmt: skip
+        return encoded
 
     def _encode(self, out: Any) -> bytes:
         """The output file's bytes for an upscaled image, with the job's codec settings."""
@@ -539,12 +540,7 @@ class UpscaleWorker(ModelActor, ImageIO):
 
         self._record_plan(row)
         if self._jpeg_on_device:
-            t = time.perf_counter()
-            data = self._encode(out)
-            row["encode_s"] = time.perf_counter() - t
-            row.update(output_width=out.width, output_height=out.height, output_bytes=len(data),
-                       output_mode=image_mode(out.pixels, None))  # fmt: skip
-            return stages.ENCODED, data
+            return stages.ENCODED, self._encode_row(out, row)
         return stages.UPSCALED, stages.dumps(out)
 
     def _encode(self, out: Any) -> bytes:
