@@ -46,6 +46,11 @@ class CpuStage:
     actors next to it (it fuses map steps whose resource requests are equal), which would put the CPU work back on
     the model actors."""
 
+    def apply(self, ds: Any) -> Any:
+        """``ds`` with this stage appended (Ray tasks, numpy batches)."""
+        return ds.map_batches(self.fn, fn_kwargs=dict(self.kwargs), batch_size=self.batch_size, batch_format="numpy",
+                              num_cpus=self.num_cpus, memory=self.memory)  # fmt: skip
+
 
 def _constructor_kwargs(actor: Any, kwargs: Mapping[str, Any], resources: ActorResources) -> dict[str, Any]:
     """``kwargs`` plus the pool's ``torch_threads``, and its ``memory_share`` for actors that take one."""
@@ -125,8 +130,7 @@ def run_actor_pool(
         blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
         ds = ray.data.from_arrow(blocks)
         for st in before:
-            ds = ds.map_batches(st.fn, fn_kwargs=dict(st.kwargs), batch_size=st.batch_size, batch_format="numpy",
-                                num_cpus=st.num_cpus, memory=st.memory)  # fmt: skip
+            ds = st.apply(ds)
         ds = ds.map_batches(
             actor,
             fn_constructor_kwargs=_constructor_kwargs(actor, actor_kwargs, resources),
@@ -136,8 +140,7 @@ def run_actor_pool(
             **resources.remote_args(),
         )
         for st in after:
-            ds = ds.map_batches(st.fn, fn_kwargs=dict(st.kwargs), batch_size=st.batch_size, batch_format="numpy",
-                                num_cpus=st.num_cpus, memory=st.memory)  # fmt: skip
+            ds = st.apply(ds)
         del blocks
         bar = tqdm(total=n, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0, desc=desc)  # fmt: skip

@@ -141,7 +141,6 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
         f"{desc.name or desc.architecture} x{desc.scale} (fingerprint {fp})",
         file=stream, flush=True,
     )  # fmt: skip
-    scale = cfg.outscale or float(desc.scale)
     del desc
     store.mark_active(cfg.run_id, started_at)
     writer = ManifestWriter(cfg.output, cfg.run_id, so, flush_seconds=cfg.manifest_flush_seconds,
@@ -156,7 +155,7 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
             _record(res, writer, empty_row(input_uri=task.input_uri, status="failed", error_type="ConfigError",
                                            error_message=task.error, **common))  # fmt: skip
         if plan.todo.num_rows:
-            _run_pipeline(cfg, plan, fp, res, writer, common, stream, scale)
+            _run_pipeline(cfg, plan, fp, res, writer, common, stream)
     except KeyboardInterrupt:
         res.interrupted = True
     finally:
@@ -279,7 +278,6 @@ def _run_pipeline(
     writer: ManifestWriter,
     common: dict[str, Any],
     stream: TextIO,
-    scale: float,
 ) -> None:
     from srbatch.jobkit.cluster import ray_session
     from srbatch.jobkit.pool import CpuStage, run_actor_pool
@@ -302,7 +300,8 @@ def _run_pipeline(
                 budget = cfg.max_memory_bytes() or int(available_memory() * rs.memory_share)
                 conf = cfg.model_dump()
                 size = min(cfg.batch_size, STAGE_BATCH)
-                before = [CpuStage(stages.decode_batch, {"config": conf, "scale": scale, "budget": budget}, size)]
+                decode = {"config": conf, "scale": common["scale"], "budget": budget}
+                before = [CpuStage(stages.decode_batch, decode, size)]
                 after = [CpuStage(stages.encode_batch, {"config": conf, "budget": budget}, size)]
             print(f"srbatch upscale: {rs.describe()}; pipeline "
                   f"{'staged (read+decode and encode+write as CPU tasks on every core)' if staged else 'fused'}",
