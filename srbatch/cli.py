@@ -116,6 +116,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         self_ensemble=args.self_ensemble,
         precision=args.precision,
         progress=progress,
+        grey_as_rgb=args.grey_as_rgb,
+        noise_sigma=args.noise_sigma,
     )
     if args.output:
         path = write_parquet(res, args.output, so)
@@ -125,6 +127,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(res.table())
     return 0
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0..255 units), e.g. 25; got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0..255 units), e.g. 25; got {text!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="uint8: measure the 8-bit SR image, Y rounded as MATLAB does (benchmark tables); float: Y-channel models "
         "measured on their float Y output, nothing rounded (Y-only PyTorch releases, e.g. VDSR); "
         "auto: float for Y-channel models, uint8 otherwise [auto]",
+    )
+    p.add_argument(
+        "--grey-as-rgb",
+        action="store_true",
+        help="convert grey images (HR and LR) to RGB before the model and the measuring, as test scripts that read "
+        "every image with OpenCV as 3-channel do (IMDN's, many PyTorch repositories'): Y then spans 16-235 and a grey "
+        "image's PSNR_Y rises by about 20*log10(255/219) = 1.32 dB. Default: grey images measured as they are "
+        "(Y = the grey values), as the MATLAB benchmark tables do",
+    )
+    p.add_argument(
+        "--noise-sigma",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="add Gaussian noise of standard deviation S (0..255 units) to each LR image (made or given), seeded by "
+        "the image's name so every model and every rerun see the same noise; rounded and clipped; measured against "
+        "the clean HR (a denoising test at --scale 1) [0]",
     )
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)

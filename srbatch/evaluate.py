@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import posixpath
 import re
 import time
@@ -30,6 +32,70 @@ CONVENTION = (
     "Y of MATLAB rgb2ycbcr for RGB, grey as is; crop_border pixels shaved; PSNR peak = data range; "
     "SSIM Gaussian 11x11 sigma 1.5 (Wang et al.); LR made with MATLAB bicubic when not given"
 )
+"""The measuring convention with the defaults (grey images as they are, no noise); :func:`describe_convention` gives
+it for other options."""
+GREY_AS_IS = "grey as is"
+GREY_AS_RGB = "grey images converted to RGB first (HR and LR replicated to 3 channels, as OpenCV's 3-channel read)"
+NOISE_RULE = (
+    "Gaussian noise of sigma {sigma:g} (0..255 units) added to the LR, seed = first 8 bytes of sha256(image key) "
+    "little-endian, numpy default_rng(seed).standard_normal((H, W, C)), rounded and clipped; measured against the "
+    "clean HR"
+)
+
+
+def describe_convention(grey_as_rgb: bool = False, noise_sigma: float = 0.0) -> str:
+    """The measuring convention in words, for table footers, JSON and reports: :data:`CONVENTION` with how grey images
+    are measured (``grey_as_rgb``) and the noise added to the LR (``noise_sigma`` > 0, see :func:`add_noise`)."""
+    text = CONVENTION if not grey_as_rgb else CONVENTION.replace(GREY_AS_IS, GREY_AS_RGB)
+    if noise_sigma:
+        text += "; " + NOISE_RULE.format(sigma=noise_sigma)
+    return text
+
+
+def check_noise_sigma(noise_sigma: float) -> float:
+    """``noise_sigma`` as a float when it is finite and >= 0; otherwise a :class:`ConfigError` saying so."""
+    try:
+        s = float(noise_sigma)
+    except (TypeError, ValueError):
+        raise ConfigError(f"noise_sigma must be a number >= 0 (0..255 units); got {noise_sigma!r}") from None
+    if not math.isfinite(s) or s < 0:
+        raise ConfigError(f"noise_sigma must be finite and >= 0 (0..255 units, e.g. 25); got {noise_sigma!r}")
+    return s
+
+
+def noise_seed(key: str) -> int:
+    """The seed of an image's noise: the first 8 bytes of ``sha256(key.encode("utf-8"))`` as a little-endian unsigned
+    integer. ``key`` is the image's pairing key (:func:`pair_key`), so every model and every rerun get the same noise."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+
+
+def add_noise(pixels: np.ndarray, sigma: float, key: str) -> np.ndarray:
+    """``pixels`` (HWC, uint8 or uint16) plus Gaussian noise of standard deviation ``sigma`` in 0..255 units (scaled
+    by 65535/255 for 16-bit), drawn as ``numpy.random.default_rng(noise_seed(key)).standard_normal(pixels.shape)``,
+    rounded half to even (``numpy.rint``) and clipped to the dtype's range. A new array; ``sigma == 0`` returns
+    ``pixels`` itself. Each channel gets its own noise."""
+    sigma = check_noise_sigma(sigma)
+    if sigma == 0:
+        return pixels
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ConfigError(f"noise is added to 8- or 16-bit images; got {pixels.dtype}")
+    peak = float(np.iinfo(pixels.dtype).max)
+    z = np.random.default_rng(noise_seed(key)).standard_normal(pixels.shape)
+    noisy = pixels.astype(np.float64) + z * (sigma * peak / 255.0)
+    return np.clip(np.rint(noisy), 0, peak).astype(pixels.dtype)
+
+
+def is_grey(*images: Any) -> bool:
+    """Whether any of the decoded images (None skipped) is a one-channel (grey) image, alpha aside."""
+    return any(img is not None and img.channels == 1 for img in images)
+
+
+def _as_rgb(img: Any) -> Any:
+    """A one-channel decoded image replicated to 3 channels (mode ``RGB``); others unchanged."""
+    if img is None or img.channels != 1:
+        return img
+    return replace(img, pixels=np.repeat(img.pixels, 3, axis=2), mode="RGB")
+
 PRECISION_MODES = ("auto", "uint8", "float")
 
 
@@ -100,6 +166,8 @@ class EvalRow:
     psnr_rgb: float
     ssim_rgb: float
     seconds: float
+    grey: bool = False
+    """The image (HR or LR) was grey (one channel): the rows ``grey_as_rgb`` changes."""
 
 
 @dataclass
@@ -120,11 +188,21 @@ class EvalResult:
     precision: str = "uint8"
     rows: list[EvalRow] = field(default_factory=list)
     convention: str = CONVENTION
+    grey_as_rgb: bool = False
+    """Grey images converted to RGB before the model and the measuring (else measured as they are)."""
+    noise_sigma: float = 0.0
+    """Standard deviation (0..255 units) of the Gaussian noise added to each LR (see :func:`add_noise`)."""
+
+    @property
+    def n_grey(self) -> int:
+        """Images that were grey."""
+        return sum(r.grey for r in self.rows)
 
     def summary(self) -> dict[str, Any]:
         """The JSON object printed by ``srbatch evaluate --json`` (without per-image rows)."""
         d = asdict(self)
-        d["images"] = [{"image": r.image, "psnr_y": r.psnr_y, "ssim_y": r.ssim_y} for r in self.rows]
+        d["images"] = [{"image": r.image, "psnr_y": r.psnr_y, "ssim_y": r.ssim_y, "grey": r.grey} for r in self.rows]
+        d["n_grey"] = self.n_grey
         d.pop("rows")
         return d
 
@@ -136,13 +214,18 @@ class EvalResult:
             size = f"{r.width}x{r.height}"
             lines.append(
                 f"{r.image[:28]:<28} {size:>11} {r.psnr_y:8.3f} {r.ssim_y:7.4f} {r.psnr_rgb:9.3f} {r.ssim_rgb:9.4f}"
+                + ("  grey" if r.grey else "")
             )
         lines.append("-" * len(head))
         lines.append(
             f"{'mean (' + str(self.n_images) + ' images)':<28} {'':>11} {self.psnr_y:8.3f} {self.ssim_y:7.4f} "
             f"{self.psnr_rgb:9.3f} {self.ssim_rgb:9.4f}"
         )
-        lines.append(f"convention: crop_border={self.crop_border}; precision={self.precision}; {self.convention}")
+        lines.append(f"convention: crop_border={self.crop_border}; precision={self.precision}; "
+                     f"grey_as_rgb={self.grey_as_rgb}; noise_sigma={self.noise_sigma:g}; {self.convention}")  # fmt: skip
+        if self.n_grey:
+            how = "converted to RGB (--grey-as-rgb)" if self.grey_as_rgb else "measured as they are (no --grey-as-rgb)"
+            lines.append(f"grey images: {self.n_grey} of {self.n_images} (marked grey), {how}")
         return "\n".join(lines)
 
 
@@ -151,14 +234,29 @@ def _modcrop(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def reference_pair(
-    hr_img: Any, lr_img: Any | None, scale: int, *, name: str, hr_uri: str = "", lr_uri: str | None = None
+    hr_img: Any,
+    lr_img: Any | None,
+    scale: int,
+    *,
+    name: str,
+    hr_uri: str = "",
+    lr_uri: str | None = None,
+    grey_as_rgb: bool = False,
+    noise_sigma: float = 0.0,
 ) -> tuple[Any, np.ndarray]:
     """The (LR image, HR pixels) pair measured in the paper convention.
 
     Without ``lr_img`` the HR is cropped to a multiple of ``scale`` and downscaled with MATLAB bicubic; with it, the HR
     must be ``scale`` x the LR (a larger HR by less than ``scale`` pixels is cropped, as benchmark HR files often are).
     Alpha is dropped. Raises :class:`ConfigError` naming the files when sizes or channels do not match.
+
+    ``grey_as_rgb``: a grey HR and a grey LR are first replicated to 3 channels (so the LR made from the HR is too), as
+    test scripts that read every image with OpenCV as 3-channel do. ``noise_sigma`` > 0: the LR (made or given) gets
+    :func:`add_noise` with the seed of ``name`` (the image's pairing key); the HR stays clean.
     """
+    sigma = check_noise_sigma(noise_sigma)
+    if grey_as_rgb:
+        hr_img, lr_img = _as_rgb(hr_img), _as_rgb(lr_img)
     if lr_img is None:
         h, w = (hr_img.height // scale) * scale, (hr_img.width // scale) * scale
         if h < scale or w < scale:
@@ -174,8 +272,13 @@ def reference_pair(
             )
         hr_px = _modcrop(hr_img.pixels, h, w)
     if lr_img.channels != hr_px.shape[2]:
-        raise ConfigError(f"{name}: LR has {lr_img.channels} channels but HR has {hr_px.shape[2]}")
+        raise ConfigError(
+            f"{name}: LR has {lr_img.channels} channels but HR has {hr_px.shape[2]}"
+            + ("" if grey_as_rgb else "; --grey-as-rgb reads grey images as RGB")
+        )
     lr_img.alpha = None
+    if sigma:
+        lr_img = replace(lr_img, pixels=add_noise(lr_img.pixels, sigma, name))
     return lr_img, hr_px
 
 
@@ -204,6 +307,8 @@ def evaluate(
     self_ensemble: bool = False,
     precision: str = "auto",
     progress: Callable[[EvalRow], None] | None = None,
+    grey_as_rgb: bool = False,
+    noise_sigma: float = 0.0,
 ) -> EvalResult:
     """Evaluate ``model`` at ``scale`` on the HR images named by ``hr`` (folder, glob or URI).
 
@@ -211,12 +316,18 @@ def evaluate(
     images pair by name (see :func:`pair_images`) and each HR image must be ``scale`` x its LR (a larger HR is cropped
     to it, as benchmark HR files often are). ``crop_border`` defaults to ``scale`` (the paper convention).
     ``precision`` is one of :data:`PRECISION_MODES`.
+
+    ``grey_as_rgb`` (off: a grey image is measured as it is, the MATLAB benchmark tables): grey HR and LR images are
+    replicated to 3 channels before the model and the measuring, so their Y is MATLAB ``rgb2ycbcr`` of grey RGB
+    (16..235), as test scripts that read every image with OpenCV as 3-channel do. ``noise_sigma`` > 0: Gaussian noise
+    (0..255 units, seeded by the image's key, see :func:`add_noise`) is added to each LR, measured against the clean HR.
     """
     from srbatch.inference import TilingConfig, Upscaler
     from srbatch.models.loader import load_model
 
     if scale < 1:
         raise ConfigError(f"scale must be >= 1; got {scale}")
+    sigma = check_noise_sigma(noise_sigma)
     desc = paper_model(model if isinstance(model, ModelDescriptor) else load_model(model, scale=scale))
     if desc.scale != scale:
         raise ConfigError(f"model {desc.name} is x{desc.scale}; evaluate it with --scale {desc.scale}")
@@ -231,7 +342,9 @@ def evaluate(
     for key, hr_uri, lr_uri in pairs:
         hr_img = decode_image(read_bytes(hr_uri, storage_options), name=hr_uri)
         lr_given = decode_image(read_bytes(lr_uri, storage_options), name=lr_uri) if lr_uri is not None else None
-        lr_img, hr_px = reference_pair(hr_img, lr_given, scale, name=key, hr_uri=hr_uri, lr_uri=lr_uri)
+        grey = is_grey(hr_img, lr_given)
+        lr_img, hr_px = reference_pair(hr_img, lr_given, scale, name=key, hr_uri=hr_uri, lr_uri=lr_uri,
+                                       grey_as_rgb=grey_as_rgb, noise_sigma=sigma)  # fmt: skip
         h, w = hr_px.shape[:2]
         t0 = time.perf_counter()
         m, _, _ = upscale_and_measure(up, lr_img, hr_px, border=border, precision=mode)
@@ -248,6 +361,7 @@ def evaluate(
             psnr_rgb=m.psnr_rgb,
             ssim_rgb=m.ssim_rgb,
             seconds=secs,
+            grey=grey,
         )
         rows.append(row)
         if progress is not None:
@@ -267,6 +381,9 @@ def evaluate(
         device=str(up.device),
         precision=mode,
         rows=rows,
+        convention=describe_convention(grey_as_rgb, sigma),
+        grey_as_rgb=bool(grey_as_rgb),
+        noise_sigma=sigma,
     )
 
 
@@ -315,7 +432,8 @@ def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, border: int) -> tu
 
 
 def write_parquet(result: EvalResult, uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write the per-image rows (plus model, scale, crop_border columns) as Parquet; returns the file URI.
+    """Write the per-image rows (with ``grey`` per image) plus the model, architecture, scale, crop_border, device,
+    precision, grey_as_rgb and noise_sigma columns as Parquet; returns the file URI.
 
     ``uri`` ending in ``.parquet`` is the file; otherwise it is a folder/prefix and ``evaluation.parquet`` goes in it.
     """
@@ -333,6 +451,9 @@ def write_parquet(result: EvalResult, uri: str, storage_options: Mapping[str, An
         scale=[result.scale] * n,
         crop_border=[result.crop_border] * n,
         device=[result.device] * n,
+        precision=[result.precision] * n,
+        grey_as_rgb=[result.grey_as_rgb] * n,
+        noise_sigma=[result.noise_sigma] * n,
     )
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)

@@ -77,6 +77,21 @@ class CompareConfig(ActorPoolConfig):
     precision: Literal["auto", "uint8", "float"] = Field(
         "auto", description="how SR outputs are measured, as in `srbatch evaluate --precision`"
     )
+    grey_as_rgb: bool = Field(
+        False,
+        description="convert grey images (and their LR) to RGB before the models and the measuring, as test scripts "
+        "that read every image with OpenCV as 3-channel do (a grey image's Y then spans 16-235: its PSNR_Y rises by "
+        "about 1.32 dB); off: grey images measured as they are, as the MATLAB benchmark tables do "
+        "(as `srbatch evaluate --grey-as-rgb`)",
+    )
+    noise_sigma: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="reference mode: add Gaussian noise of this standard deviation (0..255 units) to each LR, seeded "
+        "by the image's name (every model and every rerun see the same noise), rounded and clipped; measured against "
+        "the clean image (a denoising comparison at --scale 1, where bicubic is the noisy input itself)",
+    )
     crops: str = Field(
         "auto",
         description="auto: per image the highest-detail region, then where the models disagree most; or "
@@ -118,6 +133,9 @@ class CompareConfig(ActorPoolConfig):
     def _consistent(self) -> CompareConfig:
         if self.lr and self.mode == "real":
             raise ValueError("--lr gives reference pairs; drop it or use --mode reference")
+        if self.noise_sigma and self.mode == "real":
+            raise ValueError("--noise-sigma needs the clean images as references (reference mode); drop it or use "
+                             "--mode reference")  # fmt: skip
         return self
 
     def user_crops(self) -> list[Crop] | None:

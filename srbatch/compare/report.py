@@ -347,8 +347,11 @@ def build_html(
     max_images: int,
     convention: str,
     created: str,
+    grey_as_rgb: bool = False,
+    noise_sigma: float = 0.0,
 ) -> str:
-    """The report page (the Jinja2 template :data:`TEMPLATE`, autoescaped)."""
+    """The report page (the Jinja2 template :data:`TEMPLATE`, autoescaped). Images whose rows have ``grey`` set are
+    marked, with how they were measured (``grey_as_rgb``); ``noise_sigma`` > 0 is stated beside the mode."""
     from srbatch import __version__
 
     summary = model_summary(rows, models)
@@ -362,9 +365,11 @@ def build_html(
     failures = [f"{r['image']} · {r['model']}: {r['error_type']}: {r['error_message']}" for r in rows
                 if r["status"] != "ok"]  # fmt: skip
     devices = ", ".join(sorted({str(r["device"]) for r in rows if r["device"]})) or "n/a"
+    grey_images = sorted({r["image"] for r in rows if r.get("grey")})
     return _environment().get_template(TEMPLATE).render(
         title=title, summary=summary, best=best, reference=reference, models=list(models), panels=panels,
         scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=n_images > max_images,
         max_images=max_images, plot=plot_svg(summary) if reference else "", per_image=per_image, failures=failures,
         devices=devices, created=created, version=__version__, convention=convention, crop_px=CROP_DISPLAY,
+        grey_images=grey_images, grey_as_rgb=grey_as_rgb, noise_sigma=noise_sigma,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from srbatch.io.storage import join_uri, list_images, write_bytes
 
 log = logging.getLogger("srbatch.compare")
 
-__all__ = ["CompareResult", "run_compare", "model_labels", "choose_mode"]
+__all__ = ["CompareResult", "run_compare", "model_labels", "choose_mode", "report_convention"]
 
 AUTO_SAMPLE = 16
 
@@ -39,6 +39,8 @@ class CompareResult:
     parquet: str = ""
     seconds: float = 0.0
     shown: int = 0
+    convention: str = ""
+    """How the figures were measured (:func:`report_convention`): printed under the table and shown in the report."""
 
     @property
     def failed(self) -> int:
@@ -74,6 +76,14 @@ class CompareResult:
         n = len({r["image"] for r in self.rows})
         lines = [f"srbatch compare: {n} image(s) x {len(self.models)} model(s), mode {self.mode}, "
                  f"{self.seconds:.1f} s", self.table()]  # fmt: skip
+        if self.convention:
+            lines.append(f"  convention: {self.convention}")
+        grey = sorted({r["image"] for r in self.rows if r.get("grey")})
+        if grey:
+            how = "converted to RGB (--grey-as-rgb)" if any(r.get("grey_as_rgb") for r in self.rows) else \
+                "measured as they are (no --grey-as-rgb)"
+            lines.append(f"  grey images: {len(grey)} of {n} ({', '.join(grey[:5])}{' ...' if len(grey) > 5 else ''}), "
+                         f"{how}")  # fmt: skip
         bad = [r for r in self.rows if r["status"] != "ok"]
         for r in bad[:10]:
             lines.append(f"  failed: {r['image']} with {r['model']}: {r['error_type']}: {r['error_message']}")
@@ -121,11 +131,14 @@ def _header_size(uri: str, so: dict[str, Any]) -> tuple[int, int] | None:
 def choose_mode(cfg: CompareConfig, uris: list[str]) -> tuple[str, str]:
     """``(mode, why)``: the configured mode, or for ``auto`` reference when ``--lr`` is given or the sampled images
     (up to 16, spread over the list; headers only) have a median short side of at least ``reference_min_lr`` x the
-    scale, so that their downscaled copies are still worth measuring; real otherwise."""
+    scale, so that their downscaled copies are still worth measuring; real otherwise. ``--lr`` and ``--noise-sigma``
+    make it reference."""
     if cfg.mode != "auto":
         return cfg.mode, "as asked"
     if cfg.lr:
         return "reference", "auto: --lr gives the LR images"
+    if cfg.noise_sigma:
+        return "reference", "auto: --noise-sigma measures against the clean images"
     sample = uris[:: max(1, math.ceil(len(uris) / AUTO_SAMPLE))][:AUTO_SAMPLE]
     sides = sorted(min(s) for s in (_header_size(u, cfg.fs_options()) for u in sample) if s)
     need = cfg.reference_min_lr * cfg.scale
@@ -168,7 +181,7 @@ def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareR
     out = cfg.output.rstrip("/")
     for i, it in enumerate(items):
         it["n"] = i
-    res = CompareResult(output=out, mode=mode, models=labels)
+    res = CompareResult(output=out, mode=mode, models=labels, convention=report_convention(cfg, mode))
     from srbatch.jobkit.cluster import ray_session
 
     with ray_session(cfg):
@@ -178,6 +191,20 @@ def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareR
     res.seconds = time.perf_counter() - t0
     print(res.summary(), file=stream, flush=True)
     return res
+
+
+def report_convention(cfg: CompareConfig, mode: str) -> str:
+    """The convention line of the report and the printed summary: how the references were made and measured, with
+    ``grey_as_rgb`` and ``noise_sigma`` (see :func:`srbatch.evaluate.describe_convention`)."""
+    from srbatch.evaluate import describe_convention
+
+    opts = f"grey_as_rgb={cfg.grey_as_rgb}; noise_sigma={cfg.noise_sigma:g}"
+    if mode != "reference":
+        grey = " Grey images converted to RGB before the models." if cfg.grey_as_rgb else ""
+        return f"Real mode: no ground truth; pictures only ({opts}).{grey}"
+    return ("Reference mode: each image cropped to a multiple of the scale and downscaled with MATLAB bicubic "
+            f"(or the given LR); {opts}; {describe_convention(cfg.grey_as_rgb, cfg.noise_sigma)}. "
+            "Runtime: the model's upscaling time per image.")  # fmt: skip
 
 
 def _output_uri(cfg: CompareConfig, model_index: int, label: str, item: dict[str, Any]) -> str:
@@ -206,7 +233,7 @@ def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[st
             lost_row=lambda it, error_type, message, m=m, label=label: empty_row(
                 image=it["image"], image_uri=it["image_uri"], lr_uri=it["lr_uri"] or None, model=label,
                 model_spec=cfg.models[m], scale=cfg.scale, mode=mode, status="failed", error_type=error_type,
-                error_message=message,
+                error_message=message, grey_as_rgb=cfg.grey_as_rgb, noise_sigma=cfg.noise_sigma,
             ),  # fmt: skip
             progress=cfg.progress,
             desc=f"compare {label}",
@@ -245,7 +272,7 @@ def _panel_task(cfg_dump: dict[str, Any], item: dict[str, Any], outputs: dict[st
 
     cfg = CompareConfig.model_validate(cfg_dump)
     so = cfg.fs_options()
-    lr, hr = load_input(cfg, item["image_uri"], item["lr_uri"] or None, mode, item["image"])
+    lr, hr, _ = load_input(cfg, item["image_uri"], item["lr_uri"] or None, mode, item["image"])
 
     def write(rel: str, data: bytes) -> None:
         write_bytes(join_uri(cfg.output, rel), data, so, content_type="image/png")
@@ -271,7 +298,7 @@ def _write_report(
     cfg: CompareConfig, items: list[dict[str, Any]], rows: list[dict[str, Any]], labels: list[str], mode: str, why: str
 ) -> tuple[str, int]:
     from srbatch.compare.report import build_html
-    from srbatch.evaluate import CONVENTION
+
     ok_outputs: dict[str, dict[str, str]] = {}
     for r in rows:
         if r["status"] == "ok":
@@ -287,12 +314,10 @@ def _write_report(
             panels.append(ray.get(ref))
         except Exception as e:  # noqa: BLE001 - the report shows what it can
             log.warning("report: no crops for %s: %s", it["image"], e)
-    convention = ("Reference mode: each image cropped to a multiple of the scale and downscaled with MATLAB bicubic "
-                  "(or the given LR); " + CONVENTION + ". Runtime: the model's upscaling time per image.")  # fmt: skip
     page = build_html(
         title=cfg.title or f"srbatch comparison x{cfg.scale}", rows=rows, models=labels, panels=panels,
         scale=cfg.scale, mode=mode, mode_text=why, n_images=len(items), max_images=cfg.max_report_images,
-        convention=convention if mode == "reference" else "Real mode: no ground truth; pictures only.",
+        convention=report_convention(cfg, mode), grey_as_rgb=cfg.grey_as_rgb, noise_sigma=cfg.noise_sigma,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )  # fmt: skip
     uri = join_uri(cfg.output, "index.html")

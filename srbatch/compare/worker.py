@@ -37,13 +37,18 @@ ROW_SCHEMA = pa.schema(
         pa.field("psnr_rgb", pa.float64()),
         pa.field("ssim_rgb", pa.float64()),
         pa.field("precision", pa.string()),
+        pa.field("grey", pa.bool_()),
+        pa.field("grey_as_rgb", pa.bool_()),
+        pa.field("noise_sigma", pa.float64()),
         pa.field("runtime_s", pa.float64()),
         pa.field("output_uri", pa.string()),
         pa.field("device", pa.string()),
     ]
 )
 """Columns of ``comparison.parquet`` (one row per image x model). Metrics are null in real mode and on failure;
-``runtime_s`` is the model's upscaling time for the image (decode, measure and write excluded)."""
+``runtime_s`` is the model's upscaling time for the image (decode, measure and write excluded). ``grey``: the image
+(or its LR) was grey, i.e. a row ``grey_as_rgb`` changes (null when it could not be read); ``grey_as_rgb`` and
+``noise_sigma``: the run's options (see :class:`~srbatch.compare.config.CompareConfig`)."""
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -53,10 +58,16 @@ def empty_row(**values: Any) -> dict[str, Any]:
     return row
 
 
-def load_input(cfg: CompareConfig, image_uri: str, lr_uri: str | None, mode: str, name: str) -> tuple[Any, Any]:
-    """Read and decode one comparison input: ``(LR image, HR pixels or None)`` — the exact pair `srbatch evaluate`
-    measures in reference mode, the image itself (alpha dropped) in real mode."""
-    from srbatch.evaluate import reference_pair
+def load_input(
+    cfg: CompareConfig, image_uri: str, lr_uri: str | None, mode: str, name: str
+) -> tuple[Any, Any, bool]:
+    """Read and decode one comparison input: ``(LR image, HR pixels or None, grey)`` — the exact pair `srbatch
+    evaluate` measures in reference mode (with ``cfg.grey_as_rgb`` and ``cfg.noise_sigma``), the image itself (alpha
+    dropped; replicated to RGB when grey and ``cfg.grey_as_rgb``) in real mode. ``grey``: the image or its LR has one
+    channel as decoded."""
+    from dataclasses import replace
+
+    from srbatch.evaluate import is_grey, reference_pair
     from srbatch.io.images import decode_image
     from srbatch.io.storage import read_bytes
 
@@ -64,9 +75,15 @@ def load_input(cfg: CompareConfig, image_uri: str, lr_uri: str | None, mode: str
     img = decode_image(read_bytes(image_uri, so), name=image_uri)
     if mode == "real":
         img.alpha = None
-        return img, None
+        grey = is_grey(img)
+        if grey and cfg.grey_as_rgb:
+            img = replace(img, pixels=np.repeat(img.pixels, 3, axis=2), mode="RGB")
+        return img, None, grey
     lr = decode_image(read_bytes(lr_uri, so), name=lr_uri) if lr_uri else None
-    return reference_pair(img, lr, cfg.scale, name=name, hr_uri=image_uri, lr_uri=lr_uri)
+    grey = is_grey(img, lr)
+    lr_img, hr = reference_pair(img, lr, cfg.scale, name=name, hr_uri=image_uri, lr_uri=lr_uri,
+                                grey_as_rgb=cfg.grey_as_rgb, noise_sigma=cfg.noise_sigma)  # fmt: skip
+    return lr_img, hr, grey
 
 
 class CompareWorker(ModelActor):
@@ -104,11 +121,11 @@ class CompareWorker(ModelActor):
         row = empty_row(
             image=image, image_uri=image_uri, lr_uri=lr_uri, model=self.label, model_spec=self.spec,
             architecture=self.desc.architecture, params=self.params, scale=self.cfg.scale, mode=self.mode,
-            status="failed", device=self.device,
+            status="failed", device=self.device, grey_as_rgb=self.cfg.grey_as_rgb, noise_sigma=self.cfg.noise_sigma,
         )  # fmt: skip
         try:
-            lr, hr = load_input(self.cfg, image_uri, lr_uri, self.mode, image)
-            row.update(input_width=lr.width, input_height=lr.height)
+            lr, hr, grey = load_input(self.cfg, image_uri, lr_uri, self.mode, image)
+            row.update(input_width=lr.width, input_height=lr.height, grey=grey)
             if hr is not None:
                 m, sr, secs = upscale_and_measure(self.up, lr, hr, border=self.cfg.scale, precision=self.cfg.precision)
                 row.update(psnr_y=m.psnr_y, ssim_y=m.ssim_y, psnr_rgb=m.psnr_rgb, ssim_rgb=m.ssim_rgb,
