@@ -1,5 +1,10 @@
 """Evaluation in the paper convention: pair HR/LR images, upscale, measure PSNR/SSIM, report.
 
+Two options change what is measured, and every result records them (JSON, Parquet, the printed convention):
+``grey_as_rgb`` (grey images measured as they are, as the MATLAB benchmark tables do, or converted to RGB first, as
+test scripts reading every image with OpenCV as 3-channel do) and ``noise_sigma`` (seeded Gaussian noise on the LR,
+measured against the clean HR: the denoising comparison).
+
 ``srbatch evaluate`` is a thin wrapper over :func:`evaluate`.
 """
 
@@ -65,7 +70,8 @@ def check_noise_sigma(noise_sigma: float) -> float:
 
 def noise_seed(key: str) -> int:
     """The seed of an image's noise: the first 8 bytes of ``sha256(key.encode("utf-8"))`` as a little-endian unsigned
-    integer. ``key`` is the image's pairing key (:func:`pair_key`), so every model and every rerun get the same noise."""
+    integer. ``key`` is the image's pairing key (:func:`pair_key`), so every model and every rerun get the same
+    noise."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
 
 
@@ -95,6 +101,7 @@ def _as_rgb(img: Any) -> Any:
     if img is None or img.channels != 1:
         return img
     return replace(img, pixels=np.repeat(img.pixels, 3, axis=2), mode="RGB")
+
 
 PRECISION_MODES = ("auto", "uint8", "float")
 
@@ -221,8 +228,10 @@ class EvalResult:
             f"{'mean (' + str(self.n_images) + ' images)':<28} {'':>11} {self.psnr_y:8.3f} {self.ssim_y:7.4f} "
             f"{self.psnr_rgb:9.3f} {self.ssim_rgb:9.4f}"
         )
-        lines.append(f"convention: crop_border={self.crop_border}; precision={self.precision}; "
-                     f"grey_as_rgb={self.grey_as_rgb}; noise_sigma={self.noise_sigma:g}; {self.convention}")  # fmt: skip
+        lines.append(
+            f"convention: crop_border={self.crop_border}; precision={self.precision}; grey_as_rgb={self.grey_as_rgb}; "
+            f"noise_sigma={self.noise_sigma:g}; {self.convention}"
+        )
         if self.n_grey:
             how = "converted to RGB (--grey-as-rgb)" if self.grey_as_rgb else "measured as they are (no --grey-as-rgb)"
             lines.append(f"grey images: {self.n_grey} of {self.n_images} (marked grey), {how}")

@@ -103,7 +103,8 @@ def test_identity_at_scale_1_measures_the_noise(clean_set):
     folder, px = clean_set
     sigma = 10.0
     res = evaluate("bicubic", scale=1, hr=str(folder), noise_sigma=sigma)
-    assert res.noise_sigma == sigma and "Gaussian noise of sigma 10" in res.convention and "noise_sigma=10" in res.table()
+    assert res.noise_sigma == sigma and "Gaussian noise of sigma 10" in res.convention
+    assert "noise_sigma=10" in res.table()
     rows = {r.image: r for r in res.rows}
     assert set(rows) == set(NAMES) and res.crop_border == 1
     ideal = 20 * math.log10(255 / sigma)  # 28.13 dB: MSE = sigma^2 per sample
@@ -222,6 +223,7 @@ def test_noise_option_rules(tmp_path):
                                       "7.5", "--grey-as-rgb"])  # fmt: skip
     assert args.noise_sigma == 7.5 and args.grey_as_rgb is True
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "--model", "bicubic", "--scale", "1", "--hr", "x", "--noise-sigma", "-2"])
+        build_parser().parse_args(["evaluate", "--model", "bicubic", "--scale", "1", "--hr", "x", "--noise-sigma",
+                                   "-2"])  # fmt: skip
     with pytest.raises(ConfigError, match="noise_sigma"):
         evaluate("bicubic", scale=1, hr=str(tmp_path), noise_sigma=-1)
