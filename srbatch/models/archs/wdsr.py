@@ -11,8 +11,9 @@ Each block's output is scaled by ``res_scale`` and added to its input.
 
 Key layouts recognised by :func:`detect` (read from the authors' public module definitions, not copied):
 
-(a) ``JiahuiYu/wdsr_ntire2018``, ``wdsr_a.py`` / ``wdsr_b.py`` (class ``MODEL``, saved by the EDSR-PyTorch framework
-    as the bare network's ``state_dict()``): ``head.0``, ``body.{i}.body.{0,2}`` (A) or ``body.{i}.body.{0,2,3}``
+(a) ``JiahuiYu/wdsr_ntire2018``, ``wdsr_a.py`` / ``wdsr_b.py`` (class ``MODEL``, trained in the EDSR-PyTorch framework,
+    which saves the bare network: ``torch.save(self.model.state_dict(), ...)`` in ``sanghyun-son/EDSR-PyTorch``
+    ``src/model/__init__.py`` ``Model.save``; a ``module.`` prefix is stripped by canonicalisation): ``head.0``, ``body.{i}.body.{0,2}`` (A) or ``body.{i}.body.{0,2,3}``
     (B; index 1 is the ReLU), ``tail.0``, ``skip.0``; each conv wrapped in ``torch.nn.utils.weight_norm`` so it
     stores ``weight_g`` (shape ``(out, 1, 1, 1)``), ``weight_v`` and ``bias``. The mean is not in the state dict:
     ``rgb_mean`` is a plain attribute set from ``--r_mean/--g_mean/--b_mean`` = 0.4488, 0.4371, 0.4040 (DIV2K; the
