@@ -14,8 +14,9 @@ Key layouts recognised by :func:`detect` (read from the authors' public module d
 (a) ``JiahuiYu/wdsr_ntire2018``, ``wdsr_a.py`` / ``wdsr_b.py`` (class ``MODEL``, trained in the EDSR-PyTorch framework,
     which saves the bare network: ``torch.save(self.model.state_dict(), ...)`` in ``sanghyun-son/EDSR-PyTorch``
     ``src/model/__init__.py`` ``Model.save``; a ``module.`` prefix is stripped by canonicalisation): ``head.0``,
-    ``body.{i}.body.{0,2}`` (A) or ``body.{i}.body.{0,2,3}`` (B; index 1 is the ReLU), ``tail.0``, ``skip.0``; each conv wrapped in ``torch.nn.utils.weight_norm`` so it
-    stores ``weight_g`` (shape ``(out, 1, 1, 1)``), ``weight_v`` and ``bias``. The mean is not in the state dict:
+    ``body.{i}.body.{0,2}`` (A) or ``body.{i}.body.{0,2,3}`` (B; index 1 is the ReLU), ``tail.0``, ``skip.0``;
+    each conv wrapped in ``torch.nn.utils.weight_norm``, so it stores ``weight_g`` (shape ``(out, 1, 1, 1)``),
+    ``weight_v`` and ``bias``. The mean is not in the state dict:
     ``rgb_mean`` is a plain attribute set from ``--r_mean/--g_mean/--b_mean`` = 0.4488, 0.4371, 0.4040 (DIV2K; the
     values the authors give in their issue #7). The network works on 0..255: ``(x - 255 * mean) / 127.5`` in,
     ``y * 127.5 + 255 * mean`` out, i.e. ``2 * (x01 - mean)`` in [0, 1] terms (``input_scale = 2``).
