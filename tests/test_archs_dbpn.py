@@ -257,6 +257,8 @@ def test_halo_makes_tiles_match(scale: int, stages: int, residual: bool) -> None
     hp = {"scale": scale, "feat": 6, "base_filter": 4, "num_stages": stages, "residual": residual}
     torch.manual_seed(0)
     model = dbpn.DBPN(**hp).double().eval()
+    with torch.no_grad():  # residual models start with a zero output conv: give it weights
+        model.output_conv.conv.weight.normal_(0, 0.05)
     info = dbpn.info(hp)
     assert info.size_multiple == 1 and info.local
     pad, s = info.receptive_halo, scale
@@ -310,3 +312,16 @@ def test_pil_bicubic_equals_matlab_inside_differs_at_borders() -> None:
         diff = np.abs(pil - ours)
         assert diff[2 * s : -2 * s, 2 * s : -2 * s].max() < 1e-5
         assert diff[: 2 * s].max() > 1e-3 and diff[:, -2 * s :].max() > 1e-3
+
+
+def test_initialisation_follows_the_authors_and_residual_starts_at_bicubic() -> None:
+    torch.manual_seed(0)
+    model = dbpn.DBPN(scale=4, feat=32, base_filter=16, num_stages=2).eval()
+    w = model.up1.up_conv2.conv.weight.detach()  # He-normal: std sqrt(2 / fan_in), fan_in = 16 * 8 * 8
+    assert abs(float(w.std()) / math.sqrt(2 / (16 * 64)) - 1) < 0.05
+    assert all(float(b.detach().abs().max()) == 0 for n, b in model.named_parameters() if n.endswith("bias"))
+    x = _input(7)
+    with torch.no_grad():
+        assert (model(x).abs().mean()) > 0.05
+        res = dbpn.DBPN(scale=4, feat=32, base_filter=16, num_stages=2, residual=True).eval()(x)
+    np.testing.assert_allclose(res.double().numpy(), _matlab_bicubic(x.double().numpy(), 4), atol=1e-6)

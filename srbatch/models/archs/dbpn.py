@@ -201,6 +201,19 @@ class DBPN(nn.Module):
             setattr(self, f"down{i}", _DownProjection(nf, k, s, p, inputs=i))
             setattr(self, f"up{i + 1}", _UpProjection(nf, k, s, p, inputs=i))
         self.output_conv = _ConvBlock(self.num_stages * nf, channels, 3, 1, 1, act=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The authors' initialisation (``dbpn.py``): He-normal conv and deconv weights, zero biases, PReLU 0.25.
+
+        With ``residual`` the output conv starts at zero instead, so an untrained network is exactly the bicubic
+        upscale and training only adds detail (a short-training aid; loaded weights replace it anyway)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.residual:
+            nn.init.zeros_(self.output_conv.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.feat1(self.feat0(x))
