@@ -16,6 +16,8 @@ Layout (``alterzero/DBPN-Pytorch``; every key name below is an attribute name in
 - ``output_conv`` (``ConvBlock`` without activation): 3x3 conv on the concatenation of all ``num_stages`` HR
   outputs (newest first) -> colours.
 
+Checkpoints: ``main.py``'s ``checkpoint()`` saves ``model.state_dict()`` of the ``nn.DataParallel`` wrapper, so every
+key starts with ``module.``; :func:`srbatch.weights.checkpoint.canonicalize` strips it before :func:`detect` runs.
 Every conv and deconv has a bias. Projection kernels per scale (``dbpn.py``): x2: 6x6, stride 2, padding 2; x4: 8x8,
 stride 4, padding 2; x8: 12x12, stride 8, padding 2; the other scales are not defined by the authors (a
 :class:`~srbatch.errors.ConfigError` names ``scale``). With these, every LR size works (``size_multiple`` 1).
@@ -27,17 +29,18 @@ base_filter=64, feat=256, num_stages=7)`` from ``dbpn.py`` (the paper's D-DBPN, 
 ``dbpn_iterative.py`` (DBPN-RES-MR64-3, shared weights), ``dbpn_v2.py`` and ``dbpn_resnet.py`` have other layouts and
 are not recognised.
 
-Parameters. The count follows from the layers above: D-DBPN x4 has 10,426,358 parameters (x2: 5,953,526,
-x8: 23,205,878), which is what the authors' ``print_network`` reports for ``dbpn.py`` and the 10.4M the DBPN papers
-list for D-DBPN at x4 (Haris et al., TPAMI 2020, arXiv:1904.05677; the x2 figure, 5.95M, is the one SRFBN's
-comparison quotes). The published small networks (DBPN-SS/S/M/L) are not registered as variants: their widths are
-given only in the papers, which could not be consulted here; build them with ``num_stages``/``feat``/
-``base_filter``.
+Parameters. The count follows from the layers above and equals that of the authors' module list exactly (the tests
+rebuild it key by key): D-DBPN has 10,426,358 parameters at x4 (5,953,526 at x2, 23,205,878 at x8); DBPNLL
+15,348,302 at x4. The DBPN papers quote D-DBPN at about 10.4M parameters for x4 (Haris et al., CVPR 2018 and the
+TPAMI 2020 extension, arXiv:1904.05677); that figure is cited from memory of those papers, whose text is not in this
+project's reference index, so the exact key-by-key match with the authors' code is the stronger check. The published
+small networks (DBPN-SS/S/M/L) are not registered as variants for the same reason (their widths are given only in the
+papers); build them with ``num_stages``/``feat``/``base_filter``.
 
 Input range: the authors' ``data.py`` feeds ``ToTensor()`` output (RGB in ``[0, 1]``, no mean subtraction) and
 ``eval.py`` saves ``clamp(0, 1) * 255``, so the network works on ``[0, 1]`` as srbatch does; nothing is converted.
 
-Residual option. ``main.py`` trains with ``--residual`` on by default (``prediction = model(input) + bicubic``), while
+Residual option. ``main.py`` (commit fee9466) trains with ``--residual`` on by default (``prediction = model(input) + bicubic``), while
 ``eval.py`` defaults to off (``type=bool`` flags: any non-empty value turns them on). A checkpoint does not record which
 was used, so :func:`detect` returns ``residual=False``, the eval script's behaviour; pass ``residual=True`` (e.g.
 ``build_model("dbpn", residual=True, ...)`` and load the state dict) for networks trained by ``main.py``'s default.
