@@ -40,10 +40,11 @@ papers); build them with ``num_stages``/``feat``/``base_filter``.
 Input range: the authors' ``data.py`` feeds ``ToTensor()`` output (RGB in ``[0, 1]``, no mean subtraction) and
 ``eval.py`` saves ``clamp(0, 1) * 255``, so the network works on ``[0, 1]`` as srbatch does; nothing is converted.
 
-Residual option. ``main.py`` (commit fee9466) trains with ``--residual`` on by default (``prediction = model(input) + bicubic``), while
-``eval.py`` defaults to off (``type=bool`` flags: any non-empty value turns them on). A checkpoint does not record which
-was used, so :func:`detect` returns ``residual=False``, the eval script's behaviour; pass ``residual=True`` (e.g.
-``build_model("dbpn", residual=True, ...)`` and load the state dict) for networks trained by ``main.py``'s default.
+Residual option. ``main.py`` (commit fee9466) trains with ``--residual`` on by default (``prediction =
+model(input) + bicubic``), while ``eval.py`` defaults to off (``type=bool`` flags: any non-empty value turns them on).
+A checkpoint does not record which was used, so :func:`detect` returns ``residual=False``, the eval script's
+behaviour; pass ``residual=True`` (e.g. ``build_model("dbpn", residual=True, ...)`` and load the state dict) for
+networks trained by ``main.py``'s default.
 The authors' bicubic is PIL's (``dataset.py`` ``rescale_img``: ``Image.resize(..., Image.BICUBIC)`` on the 8-bit LR
 image, then ``ToTensor``); this module uses MATLAB ``imresize`` (:func:`~srbatch.metrics.resize.imresize_fast`).
 For integer upscaling both use the cubic kernel with a = -0.5 and the same pixel-centre alignment, so they agree
