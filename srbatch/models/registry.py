@@ -12,7 +12,23 @@ from typing import Any
 
 from srbatch.errors import ConfigError
 from srbatch.models.arch_api import Architecture
-from srbatch.models.archs import bicubic, edsr, espcn, fsrcnn, imdn, mdsr, nearest, rrdbnet, srcnn, srresnet, vdsr, wdsr
+from srbatch.models.archs import (
+    bicubic,
+    dbpn,
+    edsr,
+    espcn,
+    fsrcnn,
+    imdn,
+    mdsr,
+    nearest,
+    rrdbnet,
+    srcnn,
+    srfbn,
+    srresnet,
+    vae,
+    vdsr,
+    wdsr,
+)
 
 __all__ = ["ARCHITECTURES", "Architecture", "architectures", "get_architecture", "variants"]
 
@@ -29,6 +45,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     rrdbnet.ARCH,
     imdn.ARCH,
     wdsr.ARCH,
+    dbpn.ARCH,
+    srfbn.ARCH,
+    vae.ARCH,
 )
 
 
