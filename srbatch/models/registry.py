@@ -12,7 +12,7 @@ from typing import Any
 
 from srbatch.errors import ConfigError
 from srbatch.models.arch_api import Architecture
-from srbatch.models.archs import bicubic, edsr, espcn, fsrcnn, imdn, mdsr, nearest, rrdbnet, srcnn, srresnet, vdsr
+from srbatch.models.archs import bicubic, edsr, espcn, fsrcnn, imdn, mdsr, nearest, rrdbnet, srcnn, srresnet, vae, vdsr
 
 __all__ = ["ARCHITECTURES", "Architecture", "architectures", "get_architecture", "variants"]
 
@@ -28,6 +28,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     srresnet.ARCH,
     rrdbnet.ARCH,
     imdn.ARCH,
+    vae.ARCH,
 )
 
 
