@@ -251,6 +251,7 @@ class _Training:
                                       "bicubic": None, "samples": 0, "train_seconds": 0.0, "restarts": 0}  # fmt: skip
         self.step = 0
         self.losses: list[float] = []
+        self.aux_log: dict[str, list[float]] = {}  # auxiliary loss parts of the interval (see _add_auxiliary_loss)
         self._start_interval()
 
     @property
@@ -307,6 +308,7 @@ class _Training:
             parts = {"loss": float(loss.detach())}
         else:
             loss, parts = self.gan.generator_loss(sr, y, self.pixel_loss)
+        loss, parts = self._add_auxiliary_loss(loss, parts)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
@@ -326,6 +328,22 @@ class _Training:
         self.state["samples"] += samples
         self.losses.append(parts["loss"])
         return parts
+
+    def _add_auxiliary_loss(self, loss: torch.Tensor, parts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """A generator with a loss term of its own (the VAE's ``kl_weight * KL`` of its last training forward) exposes
+        it as ``auxiliary_loss()``, a scalar tensor: it is added to the loss and reported as its own part, named by the
+        module's ``auxiliary_loss_name`` (default ``aux``), beside ``pixel`` (the loss without it); its mean over each
+        validation interval goes into the history. The bare generator is asked, not the DDP wrapper (the forward ran
+        through the wrapper, the term lives on the module). Generators without the method are left as they are."""
+        term = getattr(self.gen, "auxiliary_loss", None)
+        if not callable(term):
+            return loss, parts
+        aux = term().float()
+        name = str(getattr(self.gen, "auxiliary_loss_name", "aux"))
+        total = loss + aux
+        parts = {"pixel": parts["loss"], **parts, name: float(aux.detach()), "loss": float(total.detach())}
+        self.aux_log.setdefault(name, []).append(parts[name])
+        return total, parts
 
     def log_progress(self, parts: Mapping[str, float]) -> None:
         """Rank 0 prints loss, learning rate, throughput and ETA every ``log_every`` steps (and at the last)."""
@@ -349,6 +367,8 @@ class _Training:
                                    "lr": float(self.sched_g.get_last_lr()[0]),
                                    "samples_per_s": state["samples"] / max(1e-9, state["train_seconds"])}  # fmt: skip
         self.losses = []
+        metrics.update({k: float(np.mean(v)) for k, v in self.aux_log.items() if v})
+        self.aux_log = {}
         if self.w.rank == 0:
             v = validate(self.averaged, self.w.desc, val_set, self.w.device)
             metrics.update({f"val_{k}": x for k, x in v.items()})
