@@ -316,6 +316,11 @@ def test_weight_norm_trains_g_and_v() -> None:
     assert torch.equal(model.body[0].body[0].weight_g, torch.full_like(model.body[0].body[0].weight_g, 2.0))
     assert torch.allclose(conv.weight.flatten(1).norm(dim=1), torch.ones(8))
     assert not model.head[0].bias.any()
+    # the skip branch starts as nearest-neighbour upscaling (our choice, so short runs start from a sensible image)
+    x = _x()
+    with torch.no_grad():
+        skip = model.skip((x - model.rgb_mean) * model.input_scale) / model.input_scale + model.rgb_mean
+    torch.testing.assert_close(skip, F.interpolate(x, scale_factor=2, mode="nearest"), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

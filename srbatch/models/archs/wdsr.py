@@ -126,6 +126,24 @@ def _init(conv: nn.Module, gain: float) -> None:
             conv.weight.copy_(v * (gain / torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True)))
 
 
+def _init_nearest(conv: nn.Module, scale: int) -> None:
+    """The 5x5 skip conv as nearest-neighbour upscaling: every sub-pixel of colour ``c`` copies ``c``'s centre tap.
+
+    Our choice, not the authors' (default init): a short training run then starts from a sensible image."""
+    if conv.bias.is_meta:
+        return
+    w = torch.zeros_like(conv.weight_v if isinstance(conv, _WNConv2d) else conv.weight)
+    for c in range(3):
+        w[c * scale * scale : (c + 1) * scale * scale, c, 2, 2] = 1.0
+    with torch.no_grad():
+        conv.bias.zero_()
+        if isinstance(conv, _WNConv2d):
+            conv.weight_v.copy_(w)
+            conv.weight_g.fill_(1.0)
+        else:
+            conv.weight.copy_(w)
+
+
 class _Block(nn.Module):
     """A wide-activation residual block (keys ``body.0``, ``body.2`` (A) and ``body.3`` (B); index 1 is the ReLU)."""
 
@@ -209,8 +227,9 @@ class WDSR(nn.Module):
         )
         self.tail = nn.Sequential(_conv(n_feats, out, 3, weight_norm), nn.PixelShuffle(scale))
         self.skip = nn.Sequential(_conv(3, out, 5, weight_norm), nn.PixelShuffle(scale))
-        for conv in (self.head[0], self.tail[0], self.skip[0]):
-            _init(conv, 1.0)
+        _init(self.head[0], 1.0)
+        _init(self.tail[0], 0.02)  # the trunk starts as a small correction ...
+        _init_nearest(self.skip[0], scale)  # ... to a skip branch that starts as nearest-neighbour upscaling
         for blk in self.body:
             convs = [m for m in blk.body if not isinstance(m, nn.ReLU)]
             _init(convs[0], 2.0)
