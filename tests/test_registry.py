@@ -1,6 +1,6 @@
-"""Registry-driven: every registered architecture and variant, as registered, builds, runs on CPU and round-trips
-through a self-describing safetensors file and `load_model`; every architecture module follows the one template and
-imports nothing from the registry."""
+"""Registry-driven: every registered architecture and variant, as registered, builds, runs on CPU, is recognised by
+its own `detect` alone and round-trips through a self-describing safetensors file and `load_model`; every
+architecture module follows the one template and imports nothing from the registry."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from srbatch import build_model, load_model, save_model
 from srbatch.models.arch_api import layout_diff, same_layout
+from srbatch.models.loader import detect_architecture
 from srbatch.models.registry import ARCHITECTURES, architectures, variants
 
 NAMES = sorted(set(architectures()) | set(variants()))
@@ -32,6 +33,8 @@ def test_every_registered_model(name, tmp_path):
     assert y.shape == (1, desc.out_channels, n * 2, n * 2) and torch.isfinite(y).all()
     if not architectures()[desc.architecture].needs_weights:
         return
+    # without srbatch metadata, the bare state dict is recognised by its own architecture and by no other one
+    assert [a for a, _ in detect_architecture(desc.module.state_dict())] == [desc.architecture]
     path = str(tmp_path / f"{name}.safetensors")
     save_model(desc, path)
     back = load_model(path, scale=2)
