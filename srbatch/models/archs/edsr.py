@@ -202,9 +202,10 @@ def fill_mean_shift(state_dict: StateDict, rgb_range: float = 255.0) -> dict[str
 
 
 def infer_rgb_range(state_dict: StateDict) -> float:
-    """``rgb_range`` from a stored ``sub_mean.bias`` (= -rgb_range * mean); 255 when absent or implausible."""
+    """``rgb_range`` from a stored ``sub_mean.bias`` (= -rgb_range * mean); 255 when absent, implausible or not
+    readable (a meta tensor). EDSR and SRFBN share the official MeanShift and this rule."""
     bias = state_dict.get("sub_mean.bias")
-    if isinstance(bias, torch.Tensor) and bias.shape == (3,):
+    if isinstance(bias, torch.Tensor) and bias.shape == (3,) and bias.device.type != "meta":
         value = -float(bias[0]) / DIV2K_MEAN[0]
         for candidate in (255.0, 1.0):
             if abs(value - candidate) < 1e-3 * candidate:

@@ -63,7 +63,7 @@ from srbatch.models.arch_api import (
     numbered_children,
     positive_int,
 )
-from srbatch.models.archs.edsr import DIV2K_MEAN, MeanShift, fill_mean_shift
+from srbatch.models.archs.edsr import MeanShift, fill_mean_shift, infer_rgb_range
 
 __all__ = [
     "ARCH",
@@ -245,18 +245,6 @@ def info(hparams: Mapping[str, Any]) -> ArchInfo:
     )
 
 
-def _infer_rgb_range(state_dict: StateDict) -> float:
-    """``rgb_range`` from ``sub_mean.bias`` (``-rgb_range * mean``; upstream hard-codes 255); 255 when absent,
-    implausible or not readable (a meta tensor)."""
-    bias = state_dict.get("sub_mean.bias")
-    if isinstance(bias, torch.Tensor) and bias.shape == (3,) and bias.device.type != "meta":
-        value = -float(bias[0]) / DIV2K_MEAN[0]
-        for candidate in (255.0, 1.0):
-            if abs(value - candidate) < 1e-3 * candidate:
-                return candidate
-    return 255.0
-
-
 def detect(state_dict: StateDict) -> Detection | None:
     """Recognise an SRFBN / SRFBN-S state dict (upstream's keys, ``module.`` and ``state_dict`` already removed).
 
@@ -273,7 +261,7 @@ def detect(state_dict: StateDict) -> Detection | None:
     groups = numbered_children(state_dict, "block.upBlocks.")
     if scale is None or not groups or m < 1:
         return None
-    rgb_range = _infer_rgb_range(state_dict)
+    rgb_range = infer_rgb_range(state_dict)
     hparams: dict[str, Any] = {
         "scale": scale,
         "num_features": m,
