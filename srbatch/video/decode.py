@@ -62,8 +62,14 @@ def read_frames(
                         yield index, frame_to_rgb(frame)
         except av.error.FFmpegError as e:
             raise VideoError(f"{uri}: decoding failed at {where()}: {e}") from e
+    if last_pts is None:
+        raise VideoError(
+            f"{uri}: no frame could be decoded from frame {segment.seek_index} (the keyframe at pts "
+            f"{segment.seek_pts}) on, which segment {segment.id} needs (frames {segment.read_start}.."
+            f"{segment.read_end - 1}): the file is truncated or corrupt there; re-upload it"
+        )
     if index < segment.read_end - 1:
         raise VideoError(
             f"{uri}: the stream ends at frame {index} (pts {last_pts}) but segment {segment.id} needs frames up to "
-            f"{segment.read_end - 1}: the file is truncated or corrupt after {where()}; re-upload it"
+            f"{segment.read_end - 1}: the file is truncated or corrupt after frame {index}; re-upload it"
         )

@@ -9,7 +9,7 @@ codec                   quality knobs (defaults)    pixel format (default)     c
 ``libvpx-vp9``          crf 32 (constant quality),  ``yuv420p``                .webm .mkv .mp4
                         preset = ``cpu-used`` (4)
 ``libsvtav1``           crf 35, preset 8 (0-13)     ``yuv420p``                .mp4 .mkv .webm
-``ffv1`` (lossless)     none                        ``yuv444p`` (``gbrp``:     .mkv
+``ffv1`` (lossless)     none                        ``yuv444p`` (``bgr0``:     .mkv
                                                     RGB kept bit for bit)
 ======================  ==========================  =========================  =======================
 

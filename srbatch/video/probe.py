@@ -62,14 +62,29 @@ def _rotation(container: av.container.InputContainer, stream: av.video.stream.Vi
     return 0
 
 
+def _declared_end(stream: av.video.stream.VideoStream) -> float | None:
+    """Where the video stream ends, in seconds, as its container states it: MP4 gives the track's start and length,
+    Matroska a DURATION tag that is the end time (the last frame's time plus its duration)."""
+    if stream.duration and stream.time_base:
+        return float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+    tag = (stream.metadata or {}).get("DURATION") or (stream.metadata or {}).get("duration")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            return None
+    return None
+
+
 def probe(uri: str, storage_options: Mapping[str, Any] | None = None) -> VideoInfo:
     """Figures of the first video stream of ``uri`` (a local path or an fsspec URI such as ``s3://bucket/v.mp4``).
 
     The frame count, the pts of every frame and the keyframes come from a scan of the packets (no decoding), so a
     container whose header lies about the count is counted right (``declared_frames`` keeps its claim); rotation comes
     from the display matrix of the first decoded frame. Raises :class:`VideoError` when the file cannot be opened, has
-    no video, or its packets cannot be read (naming the last frame read), or when it declares more frames than its
-    packets hold (a truncated file).
+    no video, or its packets cannot be read (naming the last frame read), or when it declares more frames, or a longer
+    video stream, than its packets hold (a truncated file; the error names the last frame present).
     """
     with open_input(uri, storage_options) as container:
         v = container.streams.video[0]
@@ -80,6 +95,7 @@ def probe(uri: str, storage_options: Mapping[str, Any] | None = None) -> VideoIn
             raise VideoError(f"{uri}: the video stream declares no frame rate")
         info_streams = tuple(_stream_info(s) for s in container.streams if s.index != v.index)
         declared = v.frames or None
+        declared_end = _declared_end(v)
         colour = Colour(
             range=int(cc.color_range or 0), space=int(cc.colorspace or 2), primaries=int(cc.color_primaries or 2),
             trc=int(cc.color_trc or 2),
@@ -98,12 +114,18 @@ def probe(uri: str, storage_options: Mapping[str, Any] | None = None) -> VideoIn
             f"{uri}: truncated: the container declares {declared} frames but its packets end at frame "
             f"{len(frame_pts) - 1} (pts {frame_pts[-1]}); re-upload the whole file"
         )
+    duration = int(last_duration or round(1 / (fps * tb)))
+    seen_end = float((frame_pts[-1] + duration) * tb)
+    if declared_end is not None and declared_end - seen_end > 1.5 * float(duration * tb):
+        raise VideoError(
+            f"{uri}: truncated or corrupt: the video stream is declared to end at {declared_end:.3f} s but its packets "
+            f"end at frame {len(frame_pts) - 1} (pts {frame_pts[-1]}, {seen_end:.3f} s); re-upload the whole file"
+        )
     keyframes = tuple((bisect.bisect_left(frame_pts, t), t) for t in sorted(keys))
-    nominal = round(1 / (fps * tb)) if fps * tb else 1
     with open_input(uri, storage_options) as container:
         rotation = _rotation(container, container.streams.video[0])
     return VideoInfo(
         uri=uri, container=container_name, fps=Fraction(fps), time_base=Fraction(tb), frames=len(frame_pts),
-        declared_frames=declared, frame_pts=tuple(frame_pts), frame_duration=int(last_duration or nominal),
+        declared_frames=declared, frame_pts=tuple(frame_pts), frame_duration=duration,
         keyframes=keyframes, colour=colour, rotation=rotation, streams=info_streams, video_index=video_index, **header,
     )
