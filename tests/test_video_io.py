@@ -220,6 +220,17 @@ def test_segment_frames_equal_one_pass_decode(videos, name):
         assert err < 1.5, err
 
 
+def test_full_range_yuv444_decodes_to_the_pattern(tmp_path):
+    """Full range tagged on a plain yuv444p stream (not a yuvj format) must be honoured on decode."""
+    path = make_video(tmp_path / "full.mkv", n=6, w=64, h=48, codec="ffv1", audio=None, pix_fmt="yuv444p",
+                      full_range=True)
+    info = probe(path)
+    assert info.colour.range == 2 and info.pix_fmt == "yuv444p"
+    got = list(read_frames(path, plan_segments(info, target_frames=6)[0]))
+    assert len(got) == 6
+    assert max(np.abs(rgb.astype(int) - pattern(i, 48, 64)).mean() for i, rgb in got) < 1.5
+
+
 # --------------------------------------------------------------------------------------------------------- encoders
 
 
@@ -288,6 +299,9 @@ def test_x264_join_keeps_rotation_range_and_audio(videos, tmp_path):
     assert (oi.codec, oi.width, oi.height, oi.frames, oi.fps) == ("h264", 192, 128, N, FPS)
     assert oi.frame_pts == si.frame_pts and abs(oi.duration - si.duration) < 1 / FPS
     assert oi.rotation == 90 and oi.colour.range == 2 and oi.colour.space == 1
+    for uri in res.segment_uris:  # each segment file is tagged too (a job may publish them before the join)
+        seg = probe(uri)
+        assert seg.rotation == 90 and seg.colour.range == 2 and seg.keyframe_indices[0] == 0
     assert packets(dst, "audio") == packets(src, "audio")
     whole = decode_all(src)
     got = decode_all(dst)

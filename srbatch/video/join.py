@@ -157,7 +157,8 @@ def join_segments(
                 out.mux(packet)
         except av.error.FFmpegError as e:
             raise VideoError(
-                f"{out_uri}: muxing failed: {e}; the {ext} container may not hold {first.codec} or the source's "
-                f"{', '.join(s.codec or s.type for s in source.streams if s.type in copy_streams)} (.mkv holds them all)"
+                f"{out_uri}: muxing failed: {e}; either the {ext} container cannot hold {first.codec} or the source's "
+                f"{', '.join(s.codec or s.type for s in source.streams if s.type in copy_streams)} (.mkv holds them "
+                "all), or the segments' timestamps do not follow each other (segments of another plan or source)"
             ) from e
     return JoinResult(out_uri=out_uri, frames=total, segments=len(segment_uris), copied_packets=counts)
