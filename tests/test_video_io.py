@@ -324,6 +324,27 @@ def test_join_refuses_missing_segment(videos, tmp_path):
         process_segment(src, segs[0], info, temporal_x2, str(tmp_path / "x.mkv"), radius=1, codec="ffv1")
 
 
+def test_failed_segment_leaves_no_output(videos, tmp_path):
+    """A frame function that fails mid-segment leaves nothing at the segment's path (what a resuming job checks)."""
+    src = videos["ffv1"]
+    info = probe(src)
+    seg = plan_segments(info, target_frames=20)[1]
+    calls = []
+
+    def flaky(rgb):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("actor killed")
+        return rgb
+
+    out = tmp_path / "seg" / f"{seg.id}.mkv"
+    with pytest.raises(RuntimeError, match="actor killed"):
+        process_segment(src, seg, info, flaky, str(out), codec="ffv1")
+    assert list((tmp_path / "seg").iterdir()) == []
+    assert process_segment(src, seg, info, lambda f: f, str(out), codec="ffv1") == seg.frames
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == [out.name] and probe(str(out)).frames == seg.frames
+
+
 # ----------------------------------------------------------------------------------------------- broken input
 
 

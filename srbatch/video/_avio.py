@@ -53,12 +53,21 @@ def open_input(uri: str, storage_options: Mapping[str, Any] | None = None) -> It
 
 @contextlib.contextmanager
 def local_output(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[str]:
-    """A local path to write ``uri`` to: the path itself for local URIs (parent folders created), else a temporary
-    file uploaded to ``uri`` when the block ends without an error."""
+    """A local path to write ``uri`` to. The file appears at ``uri`` only when the block ends without an error:
+    local URIs are written to a hidden ``.NAME.part.EXT`` beside it and renamed (atomic), remote ones to a temporary
+    file that is then uploaded whole. So an existing output is always a complete one (what a resuming job checks)."""
     if is_local(uri):
-        path = _local_path(uri)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        yield path
+        path = os.path.abspath(_local_path(uri))
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        stem, ext = os.path.splitext(name)
+        tmp = os.path.join(folder, f".{stem}.part{ext}")
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         return
     suffix = posixpath.splitext(uri)[1]
     fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="srbatch-video-")

@@ -164,19 +164,26 @@ class SegmentWriter:
         self._last_pts = int(pts)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Flush the encoder and finish the file; on an error (``exc`` or one raised here) nothing appears at
+        ``out_uri``."""
+        error = exc
         try:
-            if exc_type is None:
+            if exc is None:
                 if self.frames == 0:
                     raise VideoError(f"{self.out_uri}: no frames were written")
-                for packet in self._stream.encode(None):
-                    self._out.mux(packet)
-        except av.error.FFmpegError as e:
-            exc_type, exc = VideoError, VideoError(f"{self.out_uri}: flushing the encoder failed: {e}")
-            raise exc from e
+                try:
+                    for packet in self._stream.encode(None):
+                        self._out.mux(packet)
+                    self._out.close()
+                except av.error.FFmpegError as e:
+                    raise VideoError(f"{self.out_uri}: flushing the encoder failed: {e}") from e
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            if self._out is not None:
+            if error is not None and self._out is not None:
                 self._out.close()
-            self._ctx.__exit__(exc_type, exc, None)
+            self._ctx.__exit__(type(error) if error is not None else None, error, None)
 
 
 def encode_segment(
