@@ -42,8 +42,9 @@ def pattern(i: int, h: int, w: int) -> np.ndarray:
 
 
 def make_video(path, *, n=N, w=96, h=64, gop=10, codec="libx264", audio="aac", rotation=0, full_range=False,
-               pix_fmt="yuv420p"):
-    """A test video: the pattern, BT.709 tags, a keyframe every ``gop`` frames, a 440 Hz tone as long as the video."""
+               pix_fmt="yuv420p", subtitles=False):
+    """A test video: the pattern, BT.709 tags, a keyframe every ``gop`` frames, a 440 Hz tone as long as the video,
+    optionally two SubRip cues."""
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=FPS)
         s.width, s.height, s.pix_fmt = w, h, pix_fmt
@@ -54,7 +55,14 @@ def make_video(path, *, n=N, w=96, h=64, gop=10, codec="libx264", audio="aac", r
         if rotation:
             s.set_display_rotation(rotation)
         a = c.add_stream(audio, rate=48000, layout="mono") if audio else None
+        sub = c.add_mux_stream("subrip") if subtitles else None
         for i in range(n):
+            if sub is not None and i in (5, 40):
+                cue = av.Packet(f"cue at frame {i}".encode())
+                cue.stream, cue.time_base = sub, Fraction(1, 1000)
+                cue.pts = cue.dts = i * 1000 // FPS
+                cue.duration = 500
+                c.mux(cue)
             f = av.VideoFrame.from_ndarray(pattern(i, h, w), format="rgb24").reformat(
                 format=pix_fmt, dst_colorspace=1, dst_color_range=2 if full_range else 1)
             f.pts = i
@@ -83,8 +91,9 @@ def videos(tmp_path_factory):
     return {
         # x264 with B-frames in MP4, AAC, rotated 90 degrees, full colour range
         "x264": make_video(d / "src_x264.mp4", rotation=90, full_range=True),
-        # lossless FFV1 4:4:4 in Matroska, Opus
-        "ffv1": make_video(d / "src_ffv1.mkv", w=64, h=48, codec="ffv1", audio="libopus", pix_fmt="yuv444p"),
+        # lossless FFV1 4:4:4 in Matroska, Opus, SubRip cues
+        "ffv1": make_video(d / "src_ffv1.mkv", w=64, h=48, codec="ffv1", audio="libopus", pix_fmt="yuv444p",
+                           subtitles=True),
     }
 
 
@@ -149,7 +158,7 @@ def test_probe_figures(videos):
     assert f.declared_frames is None  # Matroska does not count frames: the packet scan does
     assert f.fps == FPS and f.time_base == Fraction(1, 1000) and f.duration == pytest.approx(N / FPS)
     assert f.rotation == 0 and f.colour.range == 1
-    assert [s.codec for s in f.streams] == ["opus"]
+    assert [(s.type, s.codec) for s in f.streams] == [("audio", "opus"), ("subtitle", "srt")]
     assert list(f.keyframe_indices) == keyframe_flags(videos["ffv1"])
 
 
@@ -287,6 +296,7 @@ def test_ffv1_segments_join_without_seam(videos, tmp_path):
     assert (oi.width, oi.height, oi.frames, oi.fps) == (128, 96, N, si.fps)
     assert oi.frame_pts == si.frame_pts and abs(oi.duration - si.duration) < 1 / FPS
     assert packets(dst, "audio") == packets(src, "audio")
+    assert packets(dst, "subtitle") == packets(src, "subtitle") and [t for _, t in packets(src, "subtitle")] == [0.2, 1.6]
 
 
 def test_x264_join_keeps_rotation_range_and_audio(videos, tmp_path):
