@@ -330,6 +330,16 @@ def test_join_refuses_missing_segment(videos, tmp_path):
         process_segment(src, s, info, lambda f: f, uris[-1], codec="ffv1")
     with pytest.raises(VideoError, match=f"segments hold {N - segs[1].frames} frames"):
         join_segments([uris[0], uris[2]], src, str(tmp_path / "out.mkv"))
+    # FFV1 cannot go into .mov: refused by name; SubRip cannot go into .mp4: left out and listed
+    with pytest.raises(VideoError, match=r"\.mov file cannot hold ffv1 video; write \.mkv"):
+        join_segments(uris, src, str(tmp_path / "out.mov"))
+    joined = join_segments(uris, src, str(tmp_path / "out.mp4"))
+    assert joined.skipped_streams == ("2:srt",) and list(joined.copied_packets) == [1]
+    out = probe(str(tmp_path / "out.mp4"))
+    assert out.frames == N and [s.codec for s in out.streams] == ["opus"]
+    with pytest.raises(ConfigError, match="ffv1"):  # and FFV1 segments are refused by .mp4 segment writers
+        encode_segment([(0, pattern(0, 48, 64))], str(tmp_path / "x.mp4"), codec="ffv1", fps=Fraction(25),
+                       time_base=Fraction(1, 25))
     with pytest.raises(ConfigError, match="overlap"):
         process_segment(src, segs[0], info, temporal_x2, str(tmp_path / "x.mkv"), radius=1, codec="ffv1")
 
@@ -353,6 +363,29 @@ def test_failed_segment_leaves_no_output(videos, tmp_path):
     assert list((tmp_path / "seg").iterdir()) == []
     assert process_segment(src, seg, info, lambda f: f, str(out), codec="ffv1") == seg.frames
     assert [p.name for p in (tmp_path / "seg").iterdir()] == [out.name] and probe(str(out)).frames == seg.frames
+
+
+def test_vp9_segments_join_and_audio_the_container_cannot_hold(videos, tmp_path):
+    src = videos["x264"]  # AAC audio, which WebM cannot hold
+    info = probe(src)
+    uris = []
+    for s in plan_segments(info, target_frames=20):
+        uris.append(str(tmp_path / f"{s.id}.webm"))
+        process_segment(src, s, info, lambda f: f, uris[-1], codec="libvpx-vp9", crf=30, preset="8")
+    with pytest.raises(VideoError, match=r"\.webm file cannot hold the source's audio stream 1 \(aac\).*\.mkv"):
+        join_segments(uris, src, str(tmp_path / "out.webm"))
+    assert not (tmp_path / "out.webm").exists()
+    join_segments(uris, src, str(tmp_path / "out.mkv"))
+    out = probe(str(tmp_path / "out.mkv"))
+    assert (out.codec, out.frames, out.rotation) == ("vp9", N, 90) and abs(out.duration - info.duration) < 1 / FPS
+    # MP4 -> Matroska: the same audio bytes; times in ms, all streams shifted alike so that AAC's priming packet (at
+    # -1024 samples) is not negative: audio and video move together
+    got, ref = packets(str(tmp_path / "out.mkv"), "audio"), packets(src, "audio")
+    assert [b for b, _ in got] == [b for b, _ in ref]
+    shift = got[0][1] - ref[0][1]
+    assert all(abs(g - r - shift) <= 0.001 for (_, g), (_, r) in zip(got, ref))
+    video_shift = float(out.frame_pts[0] * out.time_base - info.frame_pts[0] * info.time_base)
+    assert abs(video_shift - shift) <= 0.001
 
 
 # ----------------------------------------------------------------------------------------------- broken input

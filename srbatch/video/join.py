@@ -7,9 +7,13 @@ distance (the codec's reordering delay). So the output has the source's frame co
 duration, whatever time base each segment container used. Audio, subtitle and data streams of the source are copied
 packet for packet (bytes and timestamps unchanged), interleaved with the video by time.
 
-The output container must hold the video codec and the source's other streams (e.g. AAC in .mp4/.mkv, Opus in
-.mkv/.webm/.mp4, FFV1 only in .mkv); when it cannot, FFmpeg refuses the header and a :class:`VideoError` says which
-extension to use.
+The output container must hold the video codec and the source's audio (e.g. AAC in .mp4/.mov/.mkv, Opus in
+.mkv/.webm/.mp4); when it cannot, a :class:`VideoError` says to write .mkv (which holds every codec). Subtitles the
+container cannot hold (SubRip/ASS in .mp4 or .webm) are left out and listed in :attr:`JoinResult.skipped_streams`,
+since copying them would need a conversion.
+
+Matroska/WebM keep times in milliseconds and cannot start below zero: when the source has negative timestamps (the
+priming packet of AAC in MP4), the muxer shifts every stream by the same amount, so audio and video stay in sync.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class JoinResult:
     segments: int
     copied_packets: dict[int, int]
     """Source stream index -> packets copied, for the non-video streams."""
+    skipped_streams: tuple[str, ...] = ()
+    """Subtitle streams the output container cannot hold (e.g. SubRip in .mp4), as ``"index:codec"``; left out."""
 
 
 def _video_packets(
@@ -140,17 +146,35 @@ def join_segments(
         path = stack.enter_context(local_output(out_uri, storage_options))
         try:
             out = stack.enter_context(av.open(path, "w", format=_FORMATS[ext]))
+            holds = out.supported_codecs
+            if template.codec_context.name not in holds:
+                raise VideoError(
+                    f"{out_uri}: a {ext} file cannot hold {template.codec_context.name} video; write .mkv, or encode "
+                    "the segments with a codec this container holds"
+                )
             vout = out.add_stream_from_template(template)
             vout.time_base = source.time_base
             if source.rotation:
                 vout.set_display_rotation(source.rotation)
             counts: dict[int, int] = {}
             mapping: dict[int, av.stream.Stream] = {}
+            skipped: list[str] = []
             src_in = stack.enter_context(open_input(source_uri, storage_options))
             for s in src_in.streams:
-                if s.type in copy_streams and s.index != source.video_index:
-                    mapping[s.index] = out.add_stream_from_template(s)
-                    counts[s.index] = 0
+                if s.type not in copy_streams or s.index == source.video_index:
+                    continue
+                name = s.codec_context.name if s.codec_context is not None else None
+                if name not in holds:
+                    if s.type == "subtitle":
+                        skipped.append(f"{s.index}:{name}")
+                        continue
+                    raise VideoError(
+                        f"{out_uri}: a {ext} file cannot hold the source's {s.type} stream {s.index} ({name}), which "
+                        "is copied without re-encoding: write .mkv (it holds every codec), or leave the stream out "
+                        f"(copy_streams without {s.type!r})"
+                    )
+                mapping[s.index] = out.add_stream_from_template(s)
+                counts[s.index] = 0
             video = _video_packets(segment_uris, infos, source, storage_options, vout)
             others = _other_packets(source_uri, storage_options, mapping, counts)
             for _, _, packet in heapq.merge(video, others, key=lambda t: t[0]):
@@ -161,4 +185,5 @@ def join_segments(
                 f"{', '.join(s.codec or s.type for s in source.streams if s.type in copy_streams)} (.mkv holds them "
                 "all), or the segments' timestamps do not follow each other (segments of another plan or source)"
             ) from e
-    return JoinResult(out_uri=out_uri, frames=total, segments=len(segment_uris), copied_packets=counts)
+    return JoinResult(out_uri=out_uri, frames=total, segments=len(segment_uris), copied_packets=counts,
+                      skipped_streams=tuple(skipped))
