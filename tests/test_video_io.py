@@ -89,6 +89,7 @@ def make_video(path, *, n=N, w=96, h=64, gop=10, codec="libx264", audio="aac", r
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
     return {
+        "x264_mkv": make_video(d / "src_x264.mkv", w=64, h=48, audio=None),
         # x264 with B-frames in MP4, AAC, rotated 90 degrees, full colour range
         "x264": make_video(d / "src_x264.mp4", rotation=90, full_range=True),
         # lossless FFV1 4:4:4 in Matroska, Opus, SubRip cues
@@ -413,6 +414,17 @@ def test_truncated_and_corrupt_videos_name_the_frame(videos, tmp_path):
     with pytest.raises(VideoError, match=r"decoding failed at frame \d+ \(after pts \d+\)"):
         for s in plan_segments(probe(str(broken)), target_frames=20):
             list(read_frames(str(broken), s))
+    # x264 in Matroska, a cluster zeroed: the demuxer skips the damaged packets; probe reports where frames are missing
+    data = open(videos["x264_mkv"], "rb").read()
+    bad = bytearray(data)
+    bad[len(bad) // 2: len(bad) // 2 + 200] = bytes(200)
+    holes = tmp_path / "holes.mkv"
+    holes.write_bytes(bytes(bad))
+    damaged = probe(str(holes))
+    assert damaged.frames < N and damaged.gaps
+    (i, pts, missing), = damaged.gaps
+    assert 0 < i < damaged.frames and missing == N - damaged.frames and pts == damaged.frame_pts[i]
+    assert probe(videos["x264_mkv"]).gaps == () and probe(videos["x264"]).gaps == ()
     mp4 = tmp_path / "cut.mp4"
     mp4.write_bytes(open(videos["x264"], "rb").read()[:5000])
     with pytest.raises(VideoError, match="moov"):

@@ -72,6 +72,10 @@ class VideoInfo:
     """The other streams (audio, subtitles, ...)."""
     video_index: int = 0
     """Index of the video stream in the container."""
+    gaps: tuple[tuple[int, int, int], ...] = ()
+    """``(frame index, pts, about how many frames are missing before it)`` wherever two consecutive frames are more
+    than 1.5 nominal frame durations apart: lost packets in a damaged file, or a variable frame rate. Not an error
+    by itself (variable-rate phone videos have them); callers may refuse or report them."""
 
     @property
     def duration(self) -> float:

@@ -122,10 +122,16 @@ def probe(uri: str, storage_options: Mapping[str, Any] | None = None) -> VideoIn
             f"end at frame {len(frame_pts) - 1} (pts {frame_pts[-1]}, {seen_end:.3f} s); re-upload the whole file"
         )
     keyframes = tuple((bisect.bisect_left(frame_pts, t), t) for t in sorted(keys))
+    nominal = 1 / (fps * tb)
+    gaps = tuple(
+        (i, frame_pts[i], round((frame_pts[i] - frame_pts[i - 1]) / nominal) - 1)
+        for i in range(1, len(frame_pts)) if frame_pts[i] - frame_pts[i - 1] > 1.5 * nominal
+    )
     with open_input(uri, storage_options) as container:
         rotation = _rotation(container, container.streams.video[0])
     return VideoInfo(
         uri=uri, container=container_name, fps=Fraction(fps), time_base=Fraction(tb), frames=len(frame_pts),
         declared_frames=declared, frame_pts=tuple(frame_pts), frame_duration=duration,
-        keyframes=keyframes, colour=colour, rotation=rotation, streams=info_streams, video_index=video_index, **header,
+        keyframes=keyframes, colour=colour, rotation=rotation, streams=info_streams, video_index=video_index, gaps=gaps,
+        **header,
     )
