@@ -82,8 +82,12 @@ def test_engine_output_matches_opencv(refs, opencv_sr, rel):
     assert differing / total < 0.01  # off-by-one only where a value sits on a rounding edge
 
 
+# One graph per scale and family in the default suite; the other six (same code path) run with the slow tests.
+_EVAL_FAST = {"tf_espcn_fannymonori/ESPCN_x2.pb", "tf_fsrcnn_saafke/FSRCNN_x3.pb", "tf_fsrcnn_saafke/FSRCNN-small_x4.pb"}
+
+
 @pytest.mark.refs
-@pytest.mark.parametrize("rel", MODELS)
+@pytest.mark.parametrize("rel", [m if m in _EVAL_FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODELS])
 def test_evaluate_psnr_matches_opencv_images(refs, opencv_sr, rel):
     from srbatch.cli import main
 
@@ -204,3 +208,121 @@ def test_not_a_graph_is_refused_naming_the_file(tmp_path):
     p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     with pytest.raises(WeightsError, match="photo.pb"):
         load_model(str(p))
+
+
+# ---------------------------------------------------------------- ops the shipped graphs do not exercise
+def _const(g, name: str, arr: np.ndarray) -> None:
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2  # noqa: F401
+
+    n = g.node.add()
+    n.op, n.name = "Const", name
+    t = n.attr["value"].tensor
+    t.dtype = 1 if arr.dtype == np.float32 else 3
+    for d in arr.shape:
+        t.tensor_shape.dim.add().size = d
+    t.tensor_content = arr.astype("<f4" if arr.dtype == np.float32 else "<i4").tobytes()
+
+
+def _op(g, op: str, name: str, inputs: list[str], **attrs) -> None:
+    n = g.node.add()
+    n.op, n.name = op, name
+    n.input.extend(inputs)
+    for k, v in attrs.items():
+        if isinstance(v, list):
+            n.attr[k].list.i.extend(v)
+        elif isinstance(v, str):
+            n.attr[k].s = v.encode()
+        elif isinstance(v, float):
+            n.attr[k].f = v
+        else:
+            n.attr[k].i = v
+
+
+def _np_conv_same(x: np.ndarray, w: np.ndarray, s: int) -> np.ndarray:
+    """TensorFlow Conv2D, NHWC, SAME, stride s, float64 loops (pad_before = total // 2)."""
+    n, h, wd, _ = x.shape
+    k = w.shape[0]
+    oh, ow = -(-h // s), -(-wd // s)
+    th, tw = max((oh - 1) * s + k - h, 0), max((ow - 1) * s + k - wd, 0)
+    xp = np.zeros((n, h + th, wd + tw, x.shape[3]))
+    xp[:, th // 2 : th // 2 + h, tw // 2 : tw // 2 + wd] = x
+    out = np.zeros((n, oh, ow, w.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, i * s : i * s + k, j * s : j * s + k, :]
+            out[:, i, j] = np.einsum("nhwc,hwco->no", patch, w)
+    return out
+
+
+def _np_depth_to_space(x: np.ndarray, b: int) -> np.ndarray:
+    n, h, w, c = x.shape
+    co = c // (b * b)
+    out = np.zeros((n, h * b, w * b, co))
+    for i in range(h * b):
+        for j in range(w * b):
+            base = ((i % b) * b + (j % b)) * co
+            out[:, i, j] = x[:, i // b, j // b, base : base + co]
+    return out
+
+
+def _np_deconv_same(x: np.ndarray, w: np.ndarray, s: int) -> np.ndarray:
+    """TensorFlow conv2d_transpose (filter [k, k, out, in]), SAME, output in * s: scatter, then crop."""
+    n, h, wd, _ = x.shape
+    k = w.shape[0]
+    full = np.zeros((n, (h - 1) * s + k, (wd - 1) * s + k, w.shape[2]))
+    for i in range(h):
+        for j in range(wd):
+            full[:, i * s : i * s + k, j * s : j * s + k] += np.einsum("nc,hwoc->nhwo", x[:, i, j], w)
+    t = max(k - s, 0) // 2
+    return full[:, t : t + h * s, t : t + wd * s]
+
+
+def test_generic_ops_match_float64_references():
+    from tensorboard.compat.proto import graph_pb2
+
+    from srbatch.models.tf_import import TFGraphModule
+    from srbatch.weights.tfgraph import parse_tf_graph
+
+    rng = np.random.default_rng(0)
+    f1 = rng.normal(size=(4, 4, 3, 8)).astype(np.float32) * 0.3  # even kernel, stride 2: asymmetric SAME padding
+    b1 = rng.normal(size=(8,)).astype(np.float32)
+    f2 = rng.normal(size=(3, 3, 3, 2)).astype(np.float32) * 0.3  # conv2d_transpose filter [k, k, out=3, in=2]
+    g = graph_pb2.GraphDef()
+    _op(g, "Placeholder", "x", [])
+    _const(g, "f1", f1)
+    _const(g, "b1", b1)
+    _const(g, "f2", f2)
+    _const(g, "sizes", np.array([1, 1, 1, 3], np.int32))  # TensorFlow's fixed output shape: not used
+    _op(g, "Conv2D", "c1", ["x", "f1"], strides=[1, 2, 2, 1], padding="SAME", data_format="NHWC")
+    _op(g, "BiasAdd", "bias", ["c1", "b1"], data_format="NHWC")
+    _op(g, "LeakyRelu", "act", ["bias"], alpha=0.1)
+    _op(g, "DepthToSpace", "d2s", ["act"], block_size=2, data_format="NHWC")
+    _op(g, "Conv2DBackpropInput", "up", ["sizes", "f2", "d2s"], strides=[1, 2, 2, 1], padding="SAME")
+    _op(g, "Identity", "out", ["up"])
+    module = TFGraphModule(parse_tf_graph(g.SerializeToString()), output_nchw=False)
+    x = rng.random((2, 9, 7, 3))
+    ref = _np_conv_same(x, f1.astype(np.float64), 2) + b1
+    ref = np.where(ref > 0, ref, 0.1 * ref)
+    ref = _np_deconv_same(_np_depth_to_space(ref, 2), f2.astype(np.float64), 2)
+    with torch.no_grad():
+        out = module(torch.from_numpy(x).float().permute(0, 3, 1, 2)).permute(0, 2, 3, 1).double().numpy()
+    assert out.shape == ref.shape == (2, 20, 16, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.refs
+def test_save_model_writes_a_reloadable_checkpoint(refs, tmp_path):
+    from srbatch import save_model
+
+    src = load_model(str(refs / "weights" / "tf_fsrcnn_saafke/FSRCNN-small_x4.pb"))
+    with torch.no_grad():
+        src.module.consts["b5"].add_(0.25)  # a "fine-tuned" weight must survive the round trip
+    out = tmp_path / "fsrcnn_small_x4.safetensors"
+    save_model(src, str(out))
+    back = load_model(str(out))
+    assert back.architecture == "tfgraph" and back.scale == 4 and back.color_space == "Y-OpenCV"
+    x = torch.rand(1, 1, 10, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(back.module(x), src.module(x), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="--scale 4"):
+        load_model(str(out), scale=2)

@@ -148,6 +148,11 @@ def load_model(
             sha256=ckpt.sha256,
         )
 
+    if ckpt.architecture == "tfgraph":  # an imported TensorFlow graph saved by save_model (e.g. fine-tuned)
+        from srbatch.models.tf_import import tf_model_from_state
+
+        return tf_model_from_state(ckpt.hparams or {}, ckpt.state_dict, scale=scale, source=model,
+                                   name=ckpt.metadata.get(META_NAME) or display, sha256=ckpt.sha256)  # fmt: skip
     if ckpt.architecture:
         name = ckpt.metadata.get(META_NAME) or display
         return build_loaded(ckpt.architecture, ckpt.hparams or {}, ckpt.state_dict, name)

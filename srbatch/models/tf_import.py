@@ -30,9 +30,9 @@ from torch import nn
 
 from srbatch.errors import ConfigError, WeightsError
 from srbatch.models.descriptor import ArchInfo, ModelDescriptor
-from srbatch.weights.tfgraph import TFGraph, read_tf_graph
+from srbatch.weights.tfgraph import TFGraph, TFNode, read_tf_graph
 
-__all__ = ["TF_ARCHITECTURE", "TFGraphModule", "load_tf_model"]
+__all__ = ["TF_ARCHITECTURE", "TFGraphModule", "graph_from_json", "graph_to_json", "load_tf_model", "tf_model_from_state"]
 
 TF_ARCHITECTURE = "tfgraph"
 """``ModelDescriptor.architecture`` of models imported from a TensorFlow graph."""
@@ -256,6 +256,54 @@ def _graph_scale(graph: TFGraph) -> int:
     return int(round(s))
 
 
+def graph_to_json(graph: TFGraph) -> dict[str, Any]:
+    """The graph without its float constants (those are the module's parameters), as JSON-able data; stored in the
+    ``hparams`` of an imported model so :func:`~srbatch.save_model` writes a checkpoint that rebuilds it."""
+    nodes = []
+    for n in graph.nodes:
+        attrs = {k: v for k, v in n.attrs.items() if not isinstance(v, np.ndarray)}
+        v = n.attrs.get("value")
+        if isinstance(v, np.ndarray) and v.dtype.kind != "f":
+            attrs["value"] = {"ints": [int(i) for i in v.reshape(-1)], "shape": list(v.shape)}
+        nodes.append([n.name, n.op, list(n.inputs), attrs])
+    return {"input": graph.input, "output": graph.output, "nodes": nodes}
+
+
+def graph_from_json(data: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, source: str) -> TFGraph:
+    """Inverse of :func:`graph_to_json`: float constants come from ``state_dict`` (``consts.<key>``)."""
+    nodes = []
+    try:
+        for name, op, inputs, attrs in data["nodes"]:
+            attrs = dict(attrs)
+            if op == "Const":
+                v = attrs.get("value")
+                if isinstance(v, dict):
+                    attrs["value"] = np.asarray(v["ints"], dtype=np.int64).reshape(v["shape"])
+                else:
+                    t = state_dict.get(f"consts.{_key(name)}")
+                    if t is None:
+                        raise WeightsError(f"{source}: tensor 'consts.{_key(name)}' (constant {name!r}) is missing")
+                    attrs["value"] = t.detach().cpu().to(torch.float32).numpy()
+            nodes.append(TFNode(name=name, op=op, inputs=tuple(inputs), attrs=attrs))
+        return TFGraph(nodes=tuple(nodes), input=data["input"], output=data["output"], source=source)
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: the stored TensorFlow graph description is malformed ({e})") from e
+
+
+def tf_model_from_state(
+    hparams: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, scale: int | None, source: str,
+    name: str, sha256: str | None = None,
+) -> ModelDescriptor:
+    """An imported graph re-saved by :func:`~srbatch.save_model` (architecture ``tfgraph``), e.g. after fine-tuning."""
+    graph = graph_from_json(hparams.get("graph") or {}, state_dict, source=source)
+    desc = _describe(graph, scale=scale, source=source, name=name, sha256=sha256)
+    sd = dict(state_dict)
+    missing, unexpected = desc.module.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{source}: tensors do not match the stored graph: missing {missing}, unexpected {unexpected}")
+    return desc
+
+
 def load_tf_model(
     uri: str,
     *,
@@ -266,9 +314,16 @@ def load_tf_model(
     """A TensorFlow frozen graph at ``uri`` (local path or fsspec URL) as a :class:`ModelDescriptor`.
 
     The scale comes from the graph; a different ``scale`` is a :class:`ConfigError` (the graph cannot run at another
-    scale; use ``--scale <graph scale>`` or resize its output with ``--outscale``).
+    scale; use ``--scale <graph scale>`` or resize its output with ``--outscale``). ``save_model`` of the result
+    writes an ordinary srbatch safetensors checkpoint (architecture ``tfgraph``, the op sequence in its metadata).
     """
     graph = read_tf_graph(uri, sha256=sha256, storage_options=storage_options)
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return _describe(graph, scale=scale, source=uri, name=name, sha256=graph.sha256)
+
+
+def _describe(graph: TFGraph, *, scale: int | None, source: str, name: str, sha256: str | None) -> ModelDescriptor:
+    uri = source
     cin = _in_channels(graph)
     module = TFGraphModule(graph, output_nchw=True)
     module.eval()
@@ -313,9 +368,8 @@ def load_tf_model(
         tile_hint=None,
         local=True,
     )
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    hparams = {"scale": s, "channels": cin, "format": "tensorflow-graphdef"}
+    hparams = {"scale": s, "channels": cin, "format": "tensorflow-graphdef", "graph": graph_to_json(graph)}
     return ModelDescriptor(
         module=module, architecture=TF_ARCHITECTURE, info=info, hparams=hparams, name=name, source=uri,
-        sha256=graph.sha256,
+        sha256=sha256,
     )
