@@ -69,7 +69,7 @@ def test_engine_output_matches_opencv(refs, opencv_sr, rel):
     up = Upscaler(desc, device="cpu")
     lrs = _lr_paths(refs, s)
     assert len(lrs) == 5
-    worst, differing, total = 0, 0, 0
+    worst, differing, total, worst_rgb, rgb_sum = 0, 0, 0, 0, 0
     for lr in lrs:
         img = decode_image(lr.read_bytes(), name=str(lr))
         out = decode_image(encode_image(up.upscale_image(img), format="PNG")).pixels
@@ -77,13 +77,21 @@ def test_engine_output_matches_opencv(refs, opencv_sr, rel):
         assert out.shape == ref.shape == (img.pixels.shape[0] * s, img.pixels.shape[1] * s, 3)
         d = np.abs(_cv_y(out) - _cv_y(ref))
         worst, differing, total = max(worst, int(d.max())), differing + int((d > 0).sum()), total + d.size
-    print(f"{rel}: largest Y difference vs OpenCV {worst} grey level(s), {differing / total:.4%} of pixels differ")
+        drgb = np.abs(out.astype(np.int16) - ref.astype(np.int16))  # the chroma path shows in RGB, not in Y
+        worst_rgb, rgb_sum = max(worst_rgb, int(drgb.max())), rgb_sum + int(drgb.sum())
+    print(f"{rel}: largest Y difference vs OpenCV {worst} grey level(s), {differing / total:.4%} of pixels differ; "
+          f"RGB: largest {worst_rgb}, mean {rgb_sum / (3 * total):.5f}")
     assert worst <= 1
     assert differing / total < 0.01  # off-by-one only where a value sits on a rounding edge
+    # RGB: chroma that lands on a rounding tie after the bilinear resize rounds either way (OpenCV's float resize is
+    # not reproduced bit for bit), so a few per cent of values differ by one level (x2, x4: 1/4 and 1/8 weights).
+    assert worst_rgb <= 2 and rgb_sum / (3 * total) < 0.05
 
 
 # One graph per scale and family in the default suite; the other six (same code path) run with the slow tests.
-_EVAL_FAST = {"tf_espcn_fannymonori/ESPCN_x2.pb", "tf_fsrcnn_saafke/FSRCNN_x3.pb", "tf_fsrcnn_saafke/FSRCNN-small_x4.pb"}
+_EVAL_FAST = {
+    "tf_espcn_fannymonori/ESPCN_x2.pb", "tf_fsrcnn_saafke/FSRCNN_x3.pb", "tf_fsrcnn_saafke/FSRCNN-small_x4.pb"
+}
 
 
 @pytest.mark.refs
@@ -183,7 +191,9 @@ def _graph(ops: list[tuple[str, str, list[str]]]):
 
 
 def test_unknown_ops_are_named(tmp_path):
-    g = _graph([("Placeholder", "input", []), ("Conv3D", "body/conv3d", ["input"]), ("Erf", "gelu/erf", ["body/conv3d"])])
+    g = _graph(
+        [("Placeholder", "input", []), ("Conv3D", "body/conv3d", ["input"]), ("Erf", "gelu/erf", ["body/conv3d"])]
+    )
     p = tmp_path / "odd.pb"
     p.write_bytes(g.SerializeToString())
     with pytest.raises(ConfigError) as ei:

@@ -102,8 +102,8 @@ def from_model_space(y: torch.Tensor, color_space: str, source: torch.Tensor | N
 
     ``source`` is the image-side tensor the model input was made from (before :func:`to_model_space`): the result has
     its channel count, and a ``Y`` model on RGB takes its chroma from it (resized with MATLAB bicubic to ``y``'s
-    size; ``Y-OpenCV``: OpenCV's CrCb resized bilinearly). Without ``source`` (e.g. a loss on the model's output), ``YCbCr`` becomes RGB and every other space is
-    returned unchanged (a ``Y`` output stays luma).
+    size; ``Y-OpenCV``: OpenCV's CrCb resized bilinearly). Without ``source`` (e.g. a loss on the model's output),
+    ``YCbCr`` becomes RGB and every other space is returned unchanged (a ``Y`` output stays luma).
     """
     _check(color_space)
     if source is None:

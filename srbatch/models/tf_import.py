@@ -32,7 +32,9 @@ from srbatch.errors import ConfigError, WeightsError
 from srbatch.models.descriptor import ArchInfo, ModelDescriptor
 from srbatch.weights.tfgraph import TFGraph, TFNode, read_tf_graph
 
-__all__ = ["TF_ARCHITECTURE", "TFGraphModule", "graph_from_json", "graph_to_json", "load_tf_model", "tf_model_from_state"]
+__all__ = [
+    "TF_ARCHITECTURE", "TFGraphModule", "graph_from_json", "graph_to_json", "load_tf_model", "tf_model_from_state"
+]
 
 TF_ARCHITECTURE = "tfgraph"
 """``ModelDescriptor.architecture`` of models imported from a TensorFlow graph."""
@@ -300,7 +302,9 @@ def tf_model_from_state(
     sd = dict(state_dict)
     missing, unexpected = desc.module.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise WeightsError(f"{source}: tensors do not match the stored graph: missing {missing}, unexpected {unexpected}")
+        raise WeightsError(
+            f"{source}: tensors do not match the stored graph: missing {missing}, unexpected {unexpected}"
+        )
     return desc
 
 
