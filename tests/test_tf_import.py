@@ -336,3 +336,19 @@ def test_save_model_writes_a_reloadable_checkpoint(refs, tmp_path):
         torch.testing.assert_close(back.module(x), src.module(x), rtol=0, atol=0)
     with pytest.raises(ConfigError, match="--scale 4"):
         load_model(str(out), scale=2)
+
+
+@pytest.mark.refs
+def test_graph_cut_at_a_node_boundary_is_refused(refs, tmp_path):
+    """A file truncated between two nodes still parses; the missing node is named."""
+    from tensorboard.compat.proto import graph_pb2
+
+    g = graph_pb2.GraphDef()
+    g.ParseFromString((refs / "weights" / "tf_espcn_fannymonori/ESPCN_x4.pb").read_bytes())
+    kept = [n for n in g.node if n.name != "f2"]
+    del g.node[:]
+    g.node.extend(kept)
+    p = tmp_path / "ESPCN_x4_cut.pb"
+    p.write_bytes(g.SerializeToString())
+    with pytest.raises(WeightsError, match=r"ESPCN_x4_cut\.pb: node 'conv2' \(Conv2D\) reads 'f2'.*truncated"):
+        load_model(str(p))
