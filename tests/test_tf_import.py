@@ -6,6 +6,7 @@ The oracle is ``cv2.dnn_superres.DnnSuperResImpl`` (opencv-contrib-python-headle
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -352,3 +353,23 @@ def test_graph_cut_at_a_node_boundary_is_refused(refs, tmp_path):
     p.write_bytes(g.SerializeToString())
     with pytest.raises(WeightsError, match=r"ESPCN_x4_cut\.pb: node 'conv2' \(Conv2D\) reads 'f2'.*truncated"):
         load_model(str(p))
+
+
+@pytest.mark.refs
+def test_tiles_and_memory_regions_give_the_untiled_pixels(refs, monkeypatch):
+    """The halo covers the convolutions and the chroma's bilinear resize: tiled and banded output equal untiled."""
+    from srbatch.inference import TilingConfig
+
+    desc = load_model(str(refs / "weights" / "tf_fsrcnn_saafke/FSRCNN-small_x2.pb"))
+    lr = _lr_paths(refs, 2)[2]
+    small = decode_image(lr.read_bytes())
+    img = dataclasses.replace(small, pixels=np.ascontiguousarray(np.tile(small.pixels, (2, 2, 1))))
+    whole = Upscaler(desc, device="cpu").upscale_image(img).pixels
+    tiled = Upscaler(desc, device="cpu", tiling=TilingConfig(tile=64)).upscale_image(img).pixels
+    monkeypatch.setattr("srbatch.inference.upscaler.PROBE_PIXELS", 64 * 64)  # plan regions for this small image
+    up = Upscaler(desc, device="cpu", max_memory="24MiB")
+    banded = up.upscale_image(img).pixels
+    assert up.last_plan is not None and up.last_plan.tiled
+    for got in (tiled, banded):
+        d = np.abs(got.astype(int) - whole.astype(int))
+        assert d.max() <= 1 and (d > 0).mean() < 1e-4  # float summation order only

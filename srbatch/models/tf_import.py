@@ -368,7 +368,7 @@ def _describe(graph: TFGraph, *, scale: int | None, source: str, name: str, sha2
         out_channels=cout,
         color_space="Y-OpenCV" if cin == 1 else "RGB",
         input_upsampled=False,
-        receptive_halo=_halo(graph) + 2,  # + the chroma's bilinear resize
+        receptive_halo=_halo(graph),
         tile_hint=None,
         local=True,
     )
