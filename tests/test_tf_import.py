@@ -373,3 +373,29 @@ def test_tiles_and_memory_regions_give_the_untiled_pixels(refs, monkeypatch):
     for got in (tiled, banded):
         d = np.abs(got.astype(int) - whole.astype(int))
         assert d.max() <= 1 and (d > 0).mean() < 1e-4  # float summation order only
+
+
+@pytest.mark.slow
+@pytest.mark.refs
+def test_upscale_job_runs_a_pb_from_s3(ray_cluster, s3_bucket, refs, opencv_sr):
+    """`srbatch upscale --model s3://.../ESPCN_x3.pb`: the Ray job reads the graph from object storage; every output
+    matches OpenCV on Y."""
+    import s3fs
+
+    from srbatch.upscale import UpscaleConfig, read_manifest, run_job
+
+    rel = "tf_espcn_fannymonori/ESPCN_x3.pb"
+    fs = s3fs.S3FileSystem()
+    fs.pipe_file(f"{s3_bucket}/models/ESPCN_x3.pb", (refs / "weights" / rel).read_bytes())
+    lrs = _lr_paths(refs, 3)
+    for lr in lrs:
+        fs.pipe_file(f"{s3_bucket}/in/{lr.name}", lr.read_bytes())
+    res = run_job(UpscaleConfig(input=f"s3://{s3_bucket}/in/", output=f"s3://{s3_bucket}/out/", progress=False,
+                                model=f"s3://{s3_bucket}/models/ESPCN_x3.pb", scale=3))  # fmt: skip
+    assert (res.ok, res.failed) == (5, 0)
+    rows = read_manifest(f"s3://{s3_bucket}/out/").to_pandas()
+    assert set(rows.architecture) == {"tfgraph"}
+    fs.invalidate_cache()
+    for lr in lrs:
+        out = decode_image(fs.cat_file(f"{s3_bucket}/out/{lr.name}")).pixels
+        assert np.abs(_cv_y(out) - _cv_y(opencv_sr(rel, lr))).max() <= 1, lr.name
