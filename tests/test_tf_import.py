@@ -367,7 +367,7 @@ def test_tiles_and_memory_regions_give_the_untiled_pixels(refs, monkeypatch):
     whole = Upscaler(desc, device="cpu").upscale_image(img).pixels
     tiled = Upscaler(desc, device="cpu", tiling=TilingConfig(tile=64)).upscale_image(img).pixels
     monkeypatch.setattr("srbatch.inference.upscaler.PROBE_PIXELS", 64 * 64)  # plan regions for this small image
-    up = Upscaler(desc, device="cpu", max_memory="24MiB")
+    up = Upscaler(desc, device="cpu", max_memory="32MiB")
     banded = up.upscale_image(img).pixels
     assert up.last_plan is not None and up.last_plan.tiled
     for got in (tiled, banded):
