@@ -53,13 +53,14 @@ __all__ = [
 COLOR_SPACES: tuple[str, ...] = ("RGB", "Y", "YCbCr", "L", "Y-OpenCV")
 
 GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights (as Pillow's ``convert("L")``) used to turn an RGB model's output back into grey.
+They sum to 1, so a neutral grey output (R = G = B) maps to exactly itself."""
+
 _Y_SPACES = ("Y", "Y-OpenCV")
 # OpenCV's 8-bit YCrCb <-> RGB fixed-point coefficients (imgproc color_yuv: the float ones times 2^14, rounded).
 _CV_Y = (4899.0, 9617.0, 1868.0)  # 0.299, 0.587, 0.114
 _CV_CR, _CV_CB = 11682.0, 9241.0  # 0.713, 0.564
 _CV_R_CR, _CV_G_CR, _CV_G_CB, _CV_B_CB = 22987.0, -11698.0, -5636.0, 29049.0  # 1.403, -0.714, -0.344, 1.773
-"""ITU-R BT.601 luma weights (as Pillow's ``convert("L")``) used to turn an RGB model's output back into grey.
-They sum to 1, so a neutral grey output (R = G = B) maps to exactly itself."""
 
 
 def model_channels(color_space: str) -> int:
