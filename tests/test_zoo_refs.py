@@ -1,5 +1,5 @@
 """Every public checkpoint in the shared reference folder loads through `load_model` (or is refused: the pickled
-module, and the TensorFlow graphs srbatch does not read)."""
+module). The TensorFlow graphs load through the .pb importer (checked against OpenCV in tests/test_tf_import.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from srbatch import load_model
-from srbatch.errors import UnsafeCheckpointError, WeightsError
+from srbatch.errors import UnsafeCheckpointError
 
 EXPECTED_ARCH = {
     "imdn_official/IMDN_x4.pth": ("imdn", 4),
@@ -26,7 +26,7 @@ EXPECTED_ARCH = {
 }
 
 
-# Frozen TensorFlow GraphDefs (the OpenCV dnn_superres models of EXPECTED.md): not PyTorch checkpoints, refused.
+# Frozen TensorFlow GraphDefs (the OpenCV dnn_superres models of EXPECTED.md): imported by srbatch.models.tf_import.
 TENSORFLOW = {
     *(f"tf_espcn_fannymonori/ESPCN_x{s}.pb" for s in (2, 3, 4)),
     *(f"tf_fsrcnn_saafke/FSRCNN{v}_x{s}.pb" for v in ("", "-small") for s in (2, 3, 4)),
@@ -42,10 +42,12 @@ def test_every_reference_checkpoint_is_covered(refs):
 
 @pytest.mark.refs
 @pytest.mark.parametrize("rel", sorted(TENSORFLOW))
-def test_tensorflow_graph_is_refused(refs, rel):
-    with pytest.raises(WeightsError, match=rel.rsplit("/", 1)[-1]) as ei:
-        load_model(str(refs / "weights" / rel), scale=int(rel[-4]))
-    assert "TensorFlow graph" in str(ei.value) and not isinstance(ei.value, UnsafeCheckpointError)
+def test_tensorflow_graph_loads(refs, rel):
+    desc = load_model(str(refs / "weights" / rel), scale=int(rel[-4]))
+    assert desc.architecture == "tfgraph" and desc.scale == int(rel[-4]) and desc.color_space == "Y-OpenCV"
+    with torch.inference_mode():
+        y = desc.module(torch.rand(1, 1, 12, 10))
+    assert y.shape == (1, 1, 12 * desc.scale, 10 * desc.scale) and torch.isfinite(y).all()
 
 
 @pytest.mark.refs

@@ -8,9 +8,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-ColorSpace = Literal["RGB", "Y", "YCbCr", "L"]
+ColorSpace = Literal["RGB", "Y", "YCbCr", "L", "Y-OpenCV"]
 """``RGB``: 3-channel RGB in, RGB out. ``Y``: the luma of MATLAB ``rgb2ycbcr`` in and out (CbCr come from a
-bicubic upscale). ``YCbCr``: all three MATLAB ``rgb2ycbcr`` channels in and out. ``L``: plain single-channel (grey)
+bicubic upscale). ``YCbCr``: all three MATLAB ``rgb2ycbcr`` channels in and out. ``Y-OpenCV``: the Y of OpenCV's
+full-range ``COLOR_BGR2YCrCb`` in [0, 1] in and out, CrCb from a bilinear upscale, composed as OpenCV's
+``dnn_superres`` does (the TensorFlow ESPCN/FSRCNN graphs). ``L``: plain single-channel (grey)
 images, e.g. microscopy; a colour image is run channel by channel."""
 
 

@@ -106,7 +106,8 @@ def load_model(
 
     ``model`` is a parameter-free model name (``bicubic``), ``default`` (the shipped x2/x4 models), the output folder
     of the training job, or a checkpoint at any fsspec URI or local path
-    (``.safetensors``, ``.pth``, ``.pt``; ``s3://``, ``memory://``, ...). Checkpoints are read safely (see
+    (``.safetensors``, ``.pth``, ``.pt``; ``s3://``, ``memory://``, ...), or a TensorFlow frozen graph (``.pb``, see
+    :mod:`srbatch.models.tf_import`; its scale comes from the graph). Checkpoints are read safely (see
     :func:`srbatch.weights.load_checkpoint`), recognised by srbatch metadata, then by the native architectures'
     ``detect``, then by spandrel. ``scale`` is required for scale-agnostic weights (VDSR, SRCNN, FSRCNN) and must
     match the checkpoint otherwise. ``sha256``, when given, must match the file's bytes.
@@ -128,6 +129,10 @@ def load_model(
             f"{model!r} is an architecture, not a set of weights; give a checkpoint path or URI "
             f"(e.g. --model path/to/{model}_x4.safetensors), or build an untrained one with build_model({model!r})"
         )
+    if model.lower().endswith(".pb"):  # a TensorFlow frozen graph (ESPCN/FSRCNN as OpenCV's dnn_superres runs them)
+        from srbatch.models.tf_import import load_tf_model
+
+        return load_tf_model(model, scale=scale, sha256=sha256, storage_options=storage_options)
     model = _resolve_export_folder(model, storage_options)
     ckpt = load_checkpoint(model, sha256=sha256, storage_options=storage_options)
     display = model.rstrip("/").rsplit("/", 1)[-1]
@@ -143,6 +148,11 @@ def load_model(
             sha256=ckpt.sha256,
         )
 
+    if ckpt.architecture == "tfgraph":  # an imported TensorFlow graph saved by save_model (e.g. fine-tuned)
+        from srbatch.models.tf_import import tf_model_from_state
+
+        return tf_model_from_state(ckpt.hparams or {}, ckpt.state_dict, scale=scale, source=model,
+                                   name=ckpt.metadata.get(META_NAME) or display, sha256=ckpt.sha256)  # fmt: skip
     if ckpt.architecture:
         name = ckpt.metadata.get(META_NAME) or display
         return build_loaded(ckpt.architecture, ckpt.hparams or {}, ckpt.state_dict, name)

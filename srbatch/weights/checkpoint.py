@@ -105,8 +105,8 @@ def _not_a_checkpoint(uri: str, data: bytes) -> WeightsError:
     name = uri.rsplit("/", 1)[-1].lower()
     kind = ""
     if name.endswith(".pb"):
-        kind = (" It looks like a TensorFlow graph (.pb): srbatch does not import TensorFlow models; use the "
-                "authors' PyTorch checkpoint or convert the weights to a PyTorch state dict.")  # fmt: skip
+        kind = (" It looks like a TensorFlow graph (.pb): load it with srbatch.load_model / --model, which imports "
+                "frozen GraphDefs (srbatch.models.tf_import), not with load_checkpoint.")  # fmt: skip
     elif name.endswith(".onnx"):
         kind = " It looks like an ONNX model: srbatch loads PyTorch and safetensors weights, not ONNX graphs."
     return WeightsError(
