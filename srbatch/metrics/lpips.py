@@ -43,9 +43,8 @@ VERSION = "0.1"
 
 NETS: dict[str, dict[str, Any]] = {
     "alex": {"taps": (1, 4, 7, 9, 11), "channels": (64, 192, 384, 256, 256), "backbone": "alexnet-owt-7be5be79.pth",
-             "builder": "alexnet"},
-    "vgg": {"taps": (3, 8, 15, 22, 29), "channels": (64, 128, 256, 512, 512), "backbone": "vgg16-397923af.pth",
-            "builder": "vgg16"},
+             },
+    "vgg": {"taps": (3, 8, 15, 22, 29), "channels": (64, 128, 256, 512, 512), "backbone": "vgg16-397923af.pth"},
 }  # fmt: skip
 """The two trunks: indices of torchvision's ``features`` layers (ReLUs) whose outputs are tapped, their channels, and
 the file name of torchvision's ImageNet checkpoint."""
@@ -71,13 +70,30 @@ HOW_TO_MAKE = (
 """The fix every weights error names."""
 
 
-def _features(net: str) -> nn.Sequential:
-    """torchvision's ``features`` of the trunk, cut after the last tap, randomly initialised (nothing downloaded)."""
-    from torchvision import models
+_LAYOUT = {
+    # torchvision's AlexNet().features: (out channels, kernel, stride, padding) per conv, "M" a 3x3/2 max-pool
+    "alex": [(64, 11, 4, 2), "M", (192, 5, 1, 2), "M", (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1)],
+    # torchvision's vgg16().features (configuration "D"), "M" a 2x2/2 max-pool
+    "vgg": [(64, 3, 1, 1), (64, 3, 1, 1), "M", (128, 3, 1, 1), (128, 3, 1, 1), "M", (256, 3, 1, 1), (256, 3, 1, 1),
+            (256, 3, 1, 1), "M", (512, 3, 1, 1), (512, 3, 1, 1), (512, 3, 1, 1), "M", (512, 3, 1, 1), (512, 3, 1, 1),
+            (512, 3, 1, 1)],
+}  # fmt: skip
 
-    spec = NETS[net]
-    full = getattr(models, spec["builder"])(weights=None).features
-    return nn.Sequential(*list(full.children())[: spec["taps"][-1] + 1])
+
+def _features(net: str) -> nn.Sequential:
+    """torchvision's ``features`` of the trunk, layer for layer (so its checkpoint keys ``features.N.*`` load as they
+    are), cut after the last tap; built here so that no classifier is initialised and nothing can be downloaded."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for item in _LAYOUT[net]:
+        if item == "M":
+            layers.append(nn.MaxPool2d(3, 2) if net == "alex" else nn.MaxPool2d(2, 2))
+        else:
+            c, k, st, pad = item
+            layers += [nn.Conv2d(c_in, c, k, stride=st, padding=pad), nn.ReLU()]
+            c_in = c
+    assert len(layers) == NETS[net]["taps"][-1] + 1
+    return nn.Sequential(*layers)
 
 
 class LPIPS(nn.Module):
@@ -91,9 +107,6 @@ class LPIPS(nn.Module):
         self.net = net
         self.taps = tuple(NETS[net]["taps"])
         self.features = _features(net)
-        for m in self.features.modules():
-            if isinstance(m, nn.ReLU):
-                m.inplace = False  # taps must keep their values
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in NETS[net]["channels"])
         self.register_buffer("shift", torch.tensor(SHIFT)[None, :, None, None], persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE)[None, :, None, None], persistent=False)
