@@ -130,3 +130,30 @@ def test_compare_job_lpips_column_and_report(pairs, alex, ray_cluster, s3_bucket
     assert 'id="axis-lpips"' in page and 'id="plot-lpips"' in page and "LPIPS v0.1 (alex)" in page
     assert "<script" not in page
     assert "LPIPS" in printed and f"{mean['nearest']:.4f}" in printed
+
+
+def test_report_metric_columns_lower_is_better():
+    """The report's metric list: LPIPS appears only when measured, its best is the LOWEST mean, each image's line
+    shows it, and the plot offers PSNR_Y and LPIPS as the vertical axis (CSS only, no script)."""
+    from srbatch.compare.report import ImagePanel, build_html, plot_svg
+
+    def rows(lp):
+        return [{"image": "cat", "model": m, "status": "ok", "psnr_y": p, "ssim_y": 0.9, "psnr_rgb": p,
+                 "ssim_rgb": 0.9, "runtime_s": t, "architecture": "x", "params": 10, "device": "cpu",
+                 "error_type": None, "error_message": None, **({"lpips": v} if lp else {})}
+                for m, p, t, v in (("a", 28.0, 0.01, 0.25), ("b", 30.5, 0.2, 0.125))]  # fmt: skip
+
+    panel = ImagePanel(image="cat", width=8, height=8, thumb="t.png", crops=[], lr_files=[], hr_files=[])
+    kw = dict(models=["a", "b"], panels=[panel], scale=4, mode="reference", mode_text="m", n_images=1, max_images=40,
+              convention="c", created="now")  # fmt: skip
+    page = build_html(title="t", rows=rows(True), **kw)
+    assert '<th title="lower is better">LPIPS ↓</th>' in page and '<th title="higher is better">PSNR_Y ↑</th>' in page
+    assert '<td class="best">0.1250</td>' in page and "<td>0.2500</td>" in page
+    assert "b: 30.50 dB, LPIPS 0.1250" in page
+    assert 'id="axis-psnr_y" checked' in page and 'id="axis-lpips"' in page and page.count("<svg") == 2
+    assert "#axis-lpips:checked ~ #plot-lpips" in page and "<script" not in page
+    svg = plot_svg([{"model": "a", "runtime_s": 0.01, "lpips": 0.25}, {"model": "b", "runtime_s": 0.2, "lpips": 0.125}],
+                   metric="lpips")  # fmt: skip
+    assert "LPIPS, lower is better" in svg and svg.count("<circle") == 2 and "0.1250" in svg
+    plain = build_html(title="t", rows=rows(False), **kw)
+    assert "LPIPS" not in plain and 'name="plot-axis"' not in plain and plain.count("<svg") == 1
