@@ -200,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lpips-weights",
         metavar="URI",
-        help="also measure LPIPS v0.1 (lower is better) with this weights file (path or s3://; torchvision AlexNet/VGG16 "
-        "trunk + LPIPS linear heads in one safetensors file, made with `python -m srbatch.metrics.lpips make`; "
-        "nothing is downloaded): on the RGB SR vs HR, integers scaled to [-1, 1], --crop-border shaved as for PSNR, "
-        "grey images replicated to RGB",
+        help="also measure LPIPS v0.1 (lower is better) with this weights file (path or s3://; torchvision "
+        "AlexNet/VGG16 trunk + LPIPS linear heads in one safetensors file, made with "
+        "`python -m srbatch.metrics.lpips make`; nothing is downloaded): on the RGB SR vs HR, integers scaled to "
+        "[-1, 1], --crop-border shaved as for PSNR, grey images replicated to RGB",
     )
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)

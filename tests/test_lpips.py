@@ -118,6 +118,7 @@ def test_reads_fsspec_uris_and_refuses_bad_files(tmp_path):
     torch.save({"features.0.weight": Foreign()}, tmp_path / "evil.pth")
     from srbatch.metrics.lpips import main
 
-    assert main(["make", "--net", "alex", "--backbone", str(tmp_path / "evil.pth"), "--heads", str(tmp_path / "evil.pth"),
-                 "-o", str(tmp_path / "x.safetensors")]) == 2  # fmt: skip
+    evil = str(tmp_path / "evil.pth")
+    made = tmp_path / "x.safetensors"
+    assert main(["make", "--net", "alex", "--backbone", evil, "--heads", evil, "-o", str(made)]) == 2
     assert not (tmp_path / "x.safetensors").exists()

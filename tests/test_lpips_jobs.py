@@ -126,7 +126,7 @@ def test_compare_job_lpips_column_and_report(pairs, alex, ray_cluster, s3_bucket
     mean = {m: np.mean([r["lpips"] for r in rows if r["model"] == m]) for m in ("bicubic", "nearest")}
     assert mean["bicubic"] < mean["nearest"]  # pixel replication looks further from the original
     page = (out / "index.html").read_text()
-    assert 'title="lower is better">LPIPS' in page and f'<td class="best">{mean["bicubic"]:.4f}</td>' in page
+    assert 'title="lower is better">LPIPS&nbsp;↓' in page and f'<td class="best">{mean["bicubic"]:.4f}</td>' in page
     assert 'id="axis-lpips"' in page and 'id="plot-lpips"' in page and "LPIPS v0.1 (alex)" in page
     assert "<script" not in page
     assert "LPIPS" in printed and f"{mean['nearest']:.4f}" in printed
@@ -147,7 +147,8 @@ def test_report_metric_columns_lower_is_better():
     kw = dict(models=["a", "b"], panels=[panel], scale=4, mode="reference", mode_text="m", n_images=1, max_images=40,
               convention="c", created="now")  # fmt: skip
     page = build_html(title="t", rows=rows(True), **kw)
-    assert '<th title="lower is better">LPIPS ↓</th>' in page and '<th title="higher is better">PSNR_Y ↑</th>' in page
+    assert '<th title="lower is better">LPIPS&nbsp;↓</th>' in page
+    assert '<th title="higher is better">PSNR_Y&nbsp;↑</th>' in page
     assert '<td class="best">0.1250</td>' in page and "<td>0.2500</td>" in page
     assert "b: 30.50 dB, LPIPS 0.1250" in page
     assert 'id="axis-psnr_y" checked' in page and 'id="axis-lpips"' in page and page.count("<svg") == 2

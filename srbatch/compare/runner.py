@@ -335,7 +335,8 @@ def _write_report(
     page = build_html(
         title=cfg.title or f"srbatch comparison x{cfg.scale}", rows=rows, models=labels, panels=panels,
         scale=cfg.scale, mode=mode, mode_text=why, n_images=len(items), max_images=cfg.max_report_images,
-        convention=convention or report_convention(cfg, mode), grey_as_rgb=cfg.grey_as_rgb, noise_sigma=cfg.noise_sigma,
+        convention=convention or report_convention(cfg, mode), grey_as_rgb=cfg.grey_as_rgb,
+        noise_sigma=cfg.noise_sigma,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )  # fmt: skip
     uri = join_uri(cfg.output, "index.html")

@@ -171,7 +171,8 @@ def lpips_distance(model: LPIPS, sr: np.ndarray, hr: np.ndarray, *, crop_border:
         raise ConfigError(f"images to compare differ in shape: {sr.shape} vs {hr.shape}")
     dev = next(model.parameters()).device
     with torch.inference_mode():
-        d = model(to_lpips_input(sr, crop_border=crop_border).to(dev), to_lpips_input(hr, crop_border=crop_border).to(dev))
+        x, y = (to_lpips_input(a, crop_border=crop_border).to(dev) for a in (sr, hr))
+        d = model(x, y)
     return float(d[0].item())
 
 
@@ -188,7 +189,9 @@ def _bad(uri: str, what: str) -> ConfigError:
     return ConfigError(f"LPIPS weights {uri}: {what}; {HOW_TO_MAKE}")
 
 
-def load_lpips(uri: str, *, storage_options: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> LPIPS:
+def load_lpips(
+    uri: str, *, storage_options: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> LPIPS:
     """The LPIPS network of the weights file ``uri`` (local path or any fsspec URI, e.g. ``s3://``), in eval mode on
     ``device``. A missing, unreadable, foreign or incomplete file is a :class:`ConfigError` naming it and saying how to
     make it (:data:`HOW_TO_MAKE`)."""
@@ -253,8 +256,8 @@ def _read_state_dict(path: str, what: str, storage_options: Mapping[str, Any] | 
         else:
             sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unsafe pickles and garbage are refused alike
-        raise ConfigError(f"--{what} {path}: not a state dict that loads safely (safetensors, or a .pth read with "
-                          f"torch.load(weights_only=True)): {type(e).__name__}: {e}; {HOW_TO_MAKE}") from None  # fmt: skip
+        raise ConfigError(f"--{what} {path}: not a state dict that loads safely (safetensors, or a .pth read "
+                          f"with torch.load(weights_only=True)): {type(e).__name__}: {e}; {HOW_TO_MAKE}") from None
     for k in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
@@ -323,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mk.add_argument("--backbone", required=True, help="torchvision's checkpoint (alexnet-owt-7be5be79.pth, "
                     "vgg16-397923af.pth) or a .safetensors with the same keys")  # fmt: skip
     mk.add_argument("--heads", required=True, help="the LPIPS heads: lpips/weights/v0.1/<net>.pth from the lpips wheel")
-    mk.add_argument("-o", "--output", required=True, help="the file to write (path or URI), e.g. lpips-alex.safetensors")
+    mk.add_argument("-o", "--output", required=True,
+                    help="the file to write (path or URI), e.g. lpips-alex.safetensors")  # fmt: skip
     args = p.parse_args(argv)
     try:
         out = make_lpips_weights(args.net, args.backbone, args.heads, args.output)
