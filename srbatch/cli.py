@@ -100,7 +100,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     def progress(row: Any) -> None:
         if not args.json:
-            print(f"  {row.image}: PSNR_Y {row.psnr_y:.3f} dB, SSIM_Y {row.ssim_y:.4f} ({row.seconds:.2f} s)",
+            lp = f", LPIPS {row.lpips:.4f}" if row.lpips is not None else ""
+            print(f"  {row.image}: PSNR_Y {row.psnr_y:.3f} dB, SSIM_Y {row.ssim_y:.4f}{lp} ({row.seconds:.2f} s)",
                   file=sys.stderr)
 
     res = evaluate(
@@ -118,6 +119,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=progress,
         grey_as_rgb=args.grey_as_rgb,
         noise_sigma=args.noise_sigma,
+        lpips_weights=args.lpips_weights,
     )
     if args.output:
         path = write_parquet(res, args.output, so)
@@ -194,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="add Gaussian noise of standard deviation S (0..255 units) to each LR image (made or given), seeded by "
         "the image's name so every model and every rerun see the same noise; rounded and clipped; measured against "
         "the clean HR (a denoising test at --scale 1) [0]",
+    )
+    p.add_argument(
+        "--lpips-weights",
+        metavar="URI",
+        help="also measure LPIPS v0.1 (lower is better) with this weights file (path or s3://; torchvision "
+        "AlexNet/VGG16 trunk + LPIPS linear heads in one safetensors file, made with "
+        "`python -m srbatch.metrics.lpips make`; nothing is downloaded): on the RGB SR vs HR, integers scaled to "
+        "[-1, 1], --crop-border shaved as for PSNR, grey images replicated to RGB",
     )
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)

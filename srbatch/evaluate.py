@@ -48,12 +48,17 @@ NOISE_RULE = (
 )
 
 
-def describe_convention(grey_as_rgb: bool = False, noise_sigma: float = 0.0) -> str:
+def describe_convention(grey_as_rgb: bool = False, noise_sigma: float = 0.0, lpips_net: str | None = None) -> str:
     """The measuring convention in words, for table footers, JSON and reports: :data:`CONVENTION` with how grey images
-    are measured (``grey_as_rgb``) and the noise added to the LR (``noise_sigma`` > 0, see :func:`add_noise`)."""
+    are measured (``grey_as_rgb``), the noise added to the LR (``noise_sigma`` > 0, see :func:`add_noise`) and, with
+    ``lpips_net`` (alex or vgg), how LPIPS is measured (:data:`srbatch.metrics.lpips.CONVENTION`)."""
     text = CONVENTION if not grey_as_rgb else CONVENTION.replace(GREY_AS_IS, GREY_AS_RGB)
     if noise_sigma:
         text += "; " + NOISE_RULE.format(sigma=noise_sigma)
+    if lpips_net:
+        from srbatch.metrics.lpips import CONVENTION as LPIPS_CONVENTION
+
+        text += "; " + LPIPS_CONVENTION.format(net=lpips_net)
     return text
 
 
@@ -175,6 +180,8 @@ class EvalRow:
     seconds: float
     grey: bool = False
     """The image (HR or LR) was grey (one channel): the rows ``grey_as_rgb`` changes."""
+    lpips: float | None = None
+    """LPIPS of the SR image against the HR (lower is better); None without ``lpips_weights``."""
 
 
 @dataclass
@@ -199,6 +206,10 @@ class EvalResult:
     """Grey images converted to RGB before the model and the measuring (else measured as they are)."""
     noise_sigma: float = 0.0
     """Standard deviation (0..255 units) of the Gaussian noise added to each LR (see :func:`add_noise`)."""
+    lpips: float | None = None
+    """Mean LPIPS over images (lower is better); None without ``lpips_weights``."""
+    lpips_net: str | None = None
+    """The LPIPS trunk (alex or vgg) of the weights file; None without ``lpips_weights``."""
 
     @property
     def n_grey(self) -> int:
@@ -208,25 +219,30 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         """The JSON object printed by ``srbatch evaluate --json`` (without per-image rows)."""
         d = asdict(self)
-        d["images"] = [{"image": r.image, "psnr_y": r.psnr_y, "ssim_y": r.ssim_y, "grey": r.grey} for r in self.rows]
+        d["images"] = [{"image": r.image, "psnr_y": r.psnr_y, "ssim_y": r.ssim_y, "grey": r.grey}
+                       | ({"lpips": r.lpips} if self.lpips_net else {}) for r in self.rows]
         d["n_grey"] = self.n_grey
         d.pop("rows")
         return d
 
     def table(self) -> str:
         """A plain-text table, one line per image and the mean."""
-        head = f"{'image':<28} {'size':>11} {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}"
+        lp = self.lpips_net is not None
+        head = f"{'image':<28} {'size':>11} {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" + (
+            f" {'LPIPS':>7}" if lp else ""
+        )
         lines = [f"model {self.model} ({self.architecture}) x{self.scale} on {self.device}", head, "-" * len(head)]
         for r in self.rows:
             size = f"{r.width}x{r.height}"
             lines.append(
                 f"{r.image[:28]:<28} {size:>11} {r.psnr_y:8.3f} {r.ssim_y:7.4f} {r.psnr_rgb:9.3f} {r.ssim_rgb:9.4f}"
+                + (f" {_num(r.lpips, 7, 4)}" if lp else "")
                 + ("  grey" if r.grey else "")
             )
         lines.append("-" * len(head))
         lines.append(
             f"{'mean (' + str(self.n_images) + ' images)':<28} {'':>11} {self.psnr_y:8.3f} {self.ssim_y:7.4f} "
-            f"{self.psnr_rgb:9.3f} {self.ssim_rgb:9.4f}"
+            f"{self.psnr_rgb:9.3f} {self.ssim_rgb:9.4f}" + (f" {_num(self.lpips, 7, 4)}" if lp else "")
         )
         lines.append(
             f"convention: crop_border={self.crop_border}; precision={self.precision}; grey_as_rgb={self.grey_as_rgb}; "
@@ -236,6 +252,10 @@ class EvalResult:
             how = "converted to RGB (--grey-as-rgb)" if self.grey_as_rgb else "measured as they are (no --grey-as-rgb)"
             lines.append(f"grey images: {self.n_grey} of {self.n_images} (marked grey), {how}")
         return "\n".join(lines)
+
+
+def _num(v: float | None, w: int, p: int) -> str:
+    return f"{v:{w}.{p}f}" if v is not None else f"{'-':>{w}}"
 
 
 def _modcrop(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -318,6 +338,7 @@ def evaluate(
     progress: Callable[[EvalRow], None] | None = None,
     grey_as_rgb: bool = False,
     noise_sigma: float = 0.0,
+    lpips_weights: str | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` at ``scale`` on the HR images named by ``hr`` (folder, glob or URI).
 
@@ -330,6 +351,9 @@ def evaluate(
     replicated to 3 channels before the model and the measuring, so their Y is MATLAB ``rgb2ycbcr`` of grey RGB
     (16..235), as test scripts that read every image with OpenCV as 3-channel do. ``noise_sigma`` > 0: Gaussian noise
     (0..255 units, seeded by the image's key, see :func:`add_noise`) is added to each LR, measured against the clean HR.
+    ``lpips_weights``: an LPIPS weights file (path or URI, see :mod:`srbatch.metrics.lpips`); each row then has
+    ``lpips``, measured on the RGB SR image (the 8/16-bit image the model wrote) against the HR, with ``crop_border``
+    shaved as for PSNR, grey images replicated to RGB.
     """
     from srbatch.inference import TilingConfig, Upscaler
     from srbatch.models.loader import load_model
@@ -346,6 +370,11 @@ def evaluate(
         list_images(hr, storage_options), list_images(lr, storage_options) if lr is not None else None
     )
     up = Upscaler(desc, device=device, dtype=dtype, tiling=TilingConfig(tile=tile), self_ensemble=self_ensemble)
+    lp = None
+    if lpips_weights:
+        from srbatch.metrics.lpips import load_lpips, lpips_distance
+
+        lp = load_lpips(lpips_weights, storage_options=storage_options, device=up.device)
     rows: list[EvalRow] = []
     t_all = time.perf_counter()
     for key, hr_uri, lr_uri in pairs:
@@ -356,8 +385,9 @@ def evaluate(
                                        grey_as_rgb=grey_as_rgb, noise_sigma=sigma)  # fmt: skip
         h, w = hr_px.shape[:2]
         t0 = time.perf_counter()
-        m, _, _ = upscale_and_measure(up, lr_img, hr_px, border=border, precision=mode)
+        m, sr, _ = upscale_and_measure(up, lr_img, hr_px, border=border, precision=mode)
         secs = time.perf_counter() - t0
+        lp_value = lpips_distance(lp, sr, hr_px, crop_border=border) if lp is not None else None
         row = EvalRow(
             image=key,
             hr_uri=hr_uri,
@@ -371,6 +401,7 @@ def evaluate(
             ssim_rgb=m.ssim_rgb,
             seconds=secs,
             grey=grey,
+            lpips=lp_value,
         )
         rows.append(row)
         if progress is not None:
@@ -390,9 +421,11 @@ def evaluate(
         device=str(up.device),
         precision=mode,
         rows=rows,
-        convention=describe_convention(grey_as_rgb, sigma),
+        convention=describe_convention(grey_as_rgb, sigma, lp.net if lp is not None else None),
         grey_as_rgb=bool(grey_as_rgb),
         noise_sigma=sigma,
+        lpips=float(np.mean([r.lpips for r in rows])) if lp is not None and rows else None,
+        lpips_net=lp.net if lp is not None else None,
     )
 
 
@@ -441,8 +474,9 @@ def _measure_y_float(up: Any, lr: np.ndarray, hr: np.ndarray, border: int) -> tu
 
 
 def write_parquet(result: EvalResult, uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write the per-image rows (with ``grey`` per image) plus the model, architecture, scale, crop_border, device,
-    precision, grey_as_rgb and noise_sigma columns as Parquet; returns the file URI.
+    """Write the per-image rows (with ``grey`` and ``lpips`` per image; ``lpips`` null without LPIPS weights) plus the
+    model, architecture, scale, crop_border, device, precision, grey_as_rgb, noise_sigma and lpips_net columns as
+    Parquet; returns the file URI.
 
     ``uri`` ending in ``.parquet`` is the file; otherwise it is a folder/prefix and ``evaluation.parquet`` goes in it.
     """
@@ -463,8 +497,10 @@ def write_parquet(result: EvalResult, uri: str, storage_options: Mapping[str, An
         precision=[result.precision] * n,
         grey_as_rgb=[result.grey_as_rgb] * n,
         noise_sigma=[result.noise_sigma] * n,
+        lpips_net=[result.lpips_net] * n,
     )
+    types = {"lpips": pa.float64(), "lpips_net": pa.string()}  # typed even when every value is null
     buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf)
+    pq.write_table(pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()}), buf)
     write_bytes(target, buf.getvalue(), storage_options)
     return target

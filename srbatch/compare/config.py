@@ -92,6 +92,13 @@ class CompareConfig(ActorPoolConfig):
         "by the image's name (every model and every rerun see the same noise), rounded and clipped; measured against "
         "the clean image (a denoising comparison at --scale 1, where bicubic is the noisy input itself)",
     )
+    lpips_weights: str | None = Field(
+        None,
+        description="reference mode: also measure LPIPS v0.1 (lower is better) with this weights file (path or s3://; "
+        "torchvision AlexNet/VGG16 trunk + LPIPS linear heads in one safetensors file, made with `python -m "
+        "srbatch.metrics.lpips make`; nothing is downloaded), on the RGB output vs the original, the same border "
+        "shaved as for PSNR, grey images replicated to RGB (as `srbatch evaluate --lpips-weights`)",
+    )
     crops: str = Field(
         "auto",
         description="auto: per image the highest-detail region, then where the models disagree most; or "
@@ -135,6 +142,9 @@ class CompareConfig(ActorPoolConfig):
             raise ValueError("--lr gives reference pairs; drop it or use --mode reference")
         if self.noise_sigma and self.mode == "real":
             raise ValueError("--noise-sigma needs the clean images as references (reference mode); drop it or use "
+                             "--mode reference")  # fmt: skip
+        if self.lpips_weights and self.mode == "real":
+            raise ValueError("--lpips-weights measures against the original images (reference mode); drop it or use "
                              "--mode reference")  # fmt: skip
         return self
 

@@ -20,7 +20,7 @@ import numpy as np
 from srbatch.compare.config import Crop
 
 __all__ = ["png_bytes", "to_display", "ImagePanel", "render_panel", "render_panel_large", "reduced_maps",
-           "model_summary", "build_html", "plot_svg"]
+           "model_summary", "build_html", "plot_svg", "MetricColumn", "METRIC_COLUMNS", "metric_columns"]
 
 THUMB_MAX = 320
 CROP_DISPLAY = 200
@@ -248,11 +248,44 @@ def render_panel_large(
 
 # ------------------------------------------------------------------ summary, plot and page
 
-METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+@dataclass(frozen=True)
+class MetricColumn:
+    """One metric of the comparison: its column in the rows, its heading, its number format, which way is better,
+    its unit, the mode in which its table column is always shown (else only when some model has a value), whether the
+    plot offers it as the vertical axis and whether each image's line shows it."""
+
+    key: str
+    label: str
+    fmt: str = "%.4f"
+    higher_is_better: bool = True
+    unit: str = ""
+    always_in: str | None = "reference"
+    plot: bool = False
+    per_image: bool = False
+
+
+METRIC_COLUMNS: tuple[MetricColumn, ...] = (
+    MetricColumn("psnr_y", "PSNR_Y", "%.3f", unit="dB", plot=True, per_image=True),
+    MetricColumn("ssim_y", "SSIM_Y", "%.4f"),
+    MetricColumn("psnr_rgb", "PSNR_RGB", "%.3f", unit="dB"),
+    MetricColumn("ssim_rgb", "SSIM_RGB", "%.4f"),
+    MetricColumn("lpips", "LPIPS", "%.4f", higher_is_better=False, always_in=None, plot=True, per_image=True),
+)
+"""The metrics the summary table, the plot and the per-image lines know, in table order. A new metric is one more
+entry here (and a column in :data:`~srbatch.compare.worker.ROW_SCHEMA`)."""
+
+METRICS = tuple(c.key for c in METRIC_COLUMNS)
+
+
+def metric_columns(summary: Sequence[Mapping[str, Any]], mode: str) -> list[MetricColumn]:
+    """The metric columns of the page: those always shown in ``mode`` and those some model has a value of."""
+    return [c for c in METRIC_COLUMNS
+            if c.always_in == mode or any(s.get(c.key) is not None for s in summary)]  # fmt: skip
 
 
 def model_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
-    """Per model: mean metrics over its ok images, mean runtime, parameters, counts (in ``models`` order)."""
+    """Per model: mean metrics over its ok images (None where no image has the metric), mean runtime, parameters,
+    counts (in ``models`` order)."""
     out = []
     for label in models:
         mine = [r for r in rows if r["model"] == label]
@@ -261,29 +294,57 @@ def model_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> l
                              "architecture": next((r["architecture"] for r in mine if r["architecture"]), None),
                              "params": next((r["params"] for r in mine if r["params"] is not None), None)}  # fmt: skip
         for k in (*METRICS, "runtime_s"):
-            vals = [r[k] for r in ok if r[k] is not None and math.isfinite(r[k])]
+            vals = [r[k] for r in ok if r.get(k) is not None and math.isfinite(r[k])]
             d[k] = float(np.mean(vals)) if vals else None
         out.append(d)
     return out
 
 
 def _best(summary: Sequence[Mapping[str, Any]], key: str, lower: bool = False) -> float | None:
-    vals = [s[key] for s in summary if s[key] is not None]
+    vals = [s[key] for s in summary if s.get(key) is not None]
     if not vals:
         return None
     return min(vals) if lower else max(vals)
 
 
-def plot_svg(summary: Sequence[Mapping[str, Any]], width: int = 560, height: int = 320) -> str:
-    """An inline SVG scatter of mean PSNR_Y against mean runtime per image (log scale), one labelled dot per model."""
-    pts = [(s["model"], s["runtime_s"], s["psnr_y"]) for s in summary if s["runtime_s"] and s["psnr_y"] is not None]
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= ``raw`` (> 0)."""
+    e = math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * 10.0**e >= raw * (1 - 1e-9):
+            return m * 10.0**e
+    return 10.0 ** (e + 1)
+
+
+def _column(metric: str | MetricColumn) -> MetricColumn:
+    if isinstance(metric, MetricColumn):
+        return metric
+    for c in METRIC_COLUMNS:
+        if c.key == metric:
+            return c
+    raise KeyError(f"unknown metric {metric!r}; known: {list(METRICS)}")
+
+
+def plot_svg(
+    summary: Sequence[Mapping[str, Any]], width: int = 560, height: int = 320, *, metric: str | MetricColumn = "psnr_y"
+) -> str:
+    """An inline SVG scatter of the mean of ``metric`` (a key of :data:`METRIC_COLUMNS`, PSNR_Y by default) against
+    mean runtime per image (log scale), one labelled dot per model; "" when no model has both."""
+    col = _column(metric)
+    key = col.key
+    pts = [(s["model"], s["runtime_s"], s[key]) for s in summary if s.get("runtime_s") and s.get(key) is not None]
     if not pts:
         return ""
     left, right, top, bottom = 60, 20, 20, 45
     xs = [math.log10(max(p[1], 1e-6)) for p in pts]
     ys = [p[2] for p in pts]
     x0, x1 = min(xs) - 0.15, max(xs) + 0.15
-    y0, y1 = math.floor(min(ys) - 0.5), math.ceil(max(ys) + 0.5)
+    lo, hi = min(ys), max(ys)
+    pad = (hi - lo) * 0.15 or max(abs(hi) * 0.05, 1e-3)
+    step = _nice_step((hi - lo + 2 * pad) / 5)
+    y0, y1 = math.floor((lo - pad) / step) * step, math.ceil((hi + pad) / step) * step
+    unit = f" ({col.unit})" if col.unit else ""
+    axis = f"{col.label}{unit}, {'higher' if col.higher_is_better else 'lower'} is better"
 
     def px(v: float) -> float:
         return left + (v - x0) / (x1 - x0) * (width - left - right)
@@ -292,7 +353,7 @@ def plot_svg(summary: Sequence[Mapping[str, Any]], width: int = 560, height: int
         return top + (y1 - v) / (y1 - y0) * (height - top - bottom)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="PSNR_Y against runtime per model">',
+             f'aria-label="{html.escape(col.label)} against runtime per model">',
              f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
              'fill="none" stroke="#999"/>']  # fmt: skip
     for e in range(math.floor(x0), math.ceil(x1) + 1):
@@ -302,18 +363,19 @@ def plot_svg(summary: Sequence[Mapping[str, Any]], width: int = 560, height: int
                 parts.append(f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" y2="{height - bottom}" '
                              f'stroke="#eee"/><text x="{px(t):.1f}" y="{height - bottom + 15}" font-size="11" '
                              f'text-anchor="middle">{mult * 10.0**e:g} s</text>')  # fmt: skip
-    step = max(1, math.ceil((y1 - y0) / 6))
-    for v in range(int(y0), int(y1) + 1, step):
+    for k in range(round((y1 - y0) / step) + 1):
+        v = y0 + k * step
         parts.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{width - right}" y2="{py(v):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{py(v) + 4:.1f}" font-size="11" text-anchor="end">{v}</text>')  # fmt: skip
+                     f'<text x="{left - 6}" y="{py(v) + 4:.1f}" font-size="11" text-anchor="end">'
+                     f"{round(v, 9):g}</text>")  # fmt: skip
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" font-size="12" text-anchor="middle">'
                  "runtime per image (s, log scale)</text>"
                  f'<text x="14" y="{(top + height - bottom) / 2}" font-size="12" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {(top + height - bottom) / 2})">PSNR_Y (dB)</text>')  # fmt: skip
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2})">{html.escape(axis)}</text>')  # fmt: skip
     for i, ((label, _, y), x) in enumerate(zip(pts, xs)):
         c = COLOURS[i % len(COLOURS)]
         parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{c}"><title>{html.escape(label)}: '
-                     f"{y:.2f} dB</title></circle>"
+                     f"{col.fmt % y}{(' ' + col.unit) if col.unit else ''}</title></circle>"
                      f'<text x="{px(x) + 8:.1f}" y="{py(y) - 6:.1f}" font-size="12">{html.escape(label)}</text>')  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
@@ -356,11 +418,16 @@ def build_html(
 
     summary = model_summary(rows, models)
     reference = mode == "reference"
-    best = {k: _best(summary, k) for k in METRICS}
+    columns = metric_columns(summary, mode)
+    best = {c.key: _best(summary, c.key, lower=not c.higher_is_better) for c in METRIC_COLUMNS}
     best["runtime_s"] = _best(summary, "runtime_s", lower=True)
+    plots = [(c, svg) for c in columns if c.plot for svg in [plot_svg(summary, metric=c)] if svg]
     per_image: dict[str, dict[str, str]] = {}
     for r in rows:
         v = f"{r['psnr_y']:.2f} dB" if r["status"] == "ok" and r["psnr_y"] is not None else r["status"]
+        if r["status"] == "ok":
+            v += "".join(f", {c.label} {c.fmt % r[c.key]}" for c in columns
+                         if c.per_image and c.key != "psnr_y" and r.get(c.key) is not None)  # fmt: skip
         per_image.setdefault(r["image"], {})[r["model"]] = v
     failures = [f"{r['image']} · {r['model']}: {r['error_type']}: {r['error_message']}" for r in rows
                 if r["status"] != "ok"]  # fmt: skip
@@ -369,7 +436,7 @@ def build_html(
     return _environment().get_template(TEMPLATE).render(
         title=title, summary=summary, best=best, reference=reference, models=list(models), panels=panels,
         scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=n_images > max_images,
-        max_images=max_images, plot=plot_svg(summary) if reference else "", per_image=per_image, failures=failures,
+        max_images=max_images, plots=plots, columns=columns, per_image=per_image, failures=failures,
         devices=devices, created=created, version=__version__, convention=convention, crop_px=CROP_DISPLAY,
         grey_images=grey_images, grey_as_rgb=grey_as_rgb, noise_sigma=noise_sigma,
     )  # fmt: skip

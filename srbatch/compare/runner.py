@@ -57,9 +57,10 @@ class CompareResult:
         from srbatch.compare.report import model_summary
 
         ref = self.mode == "reference"
+        lp = any(r.get("lpips") is not None for r in self.rows)
         head = f"{'model':<24} {'params':>10}" + (
             f" {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" if ref else ""
-        ) + f" {'s/image':>8} {'ok':>4} {'failed':>6}"
+        ) + (f" {'LPIPS':>7}" if lp else "") + f" {'s/image':>8} {'ok':>4} {'failed':>6}"
         lines = [head, "-" * len(head)]
         for s in model_summary(self.rows, self.models):
             params = f"{s['params']:,}" if s["params"] is not None else "-"
@@ -67,6 +68,8 @@ class CompareResult:
             if ref:
                 line += "".join(f" {_f(s[k], w, p)}" for k, w, p in (("psnr_y", 8, 3), ("ssim_y", 7, 4),
                                                                       ("psnr_rgb", 9, 3), ("ssim_rgb", 9, 4)))  # fmt: skip
+            if lp:
+                line += f" {_f(s.get('lpips'), 7, 4)}"
             line += f" {_f(s['runtime_s'], 8, 4)} {s['images']:>4} {s['failed']:>6}"
             lines.append(line)
         return "\n".join(lines)
@@ -131,14 +134,16 @@ def _header_size(uri: str, so: dict[str, Any]) -> tuple[int, int] | None:
 def choose_mode(cfg: CompareConfig, uris: list[str]) -> tuple[str, str]:
     """``(mode, why)``: the configured mode, or for ``auto`` reference when ``--lr`` is given or the sampled images
     (up to 16, spread over the list; headers only) have a median short side of at least ``reference_min_lr`` x the
-    scale, so that their downscaled copies are still worth measuring; real otherwise. ``--lr`` and ``--noise-sigma``
-    make it reference."""
+    scale, so that their downscaled copies are still worth measuring; real otherwise. ``--lr``, ``--noise-sigma`` and
+    ``--lpips-weights`` make it reference."""
     if cfg.mode != "auto":
         return cfg.mode, "as asked"
     if cfg.lr:
         return "reference", "auto: --lr gives the LR images"
     if cfg.noise_sigma:
         return "reference", "auto: --noise-sigma measures against the clean images"
+    if cfg.lpips_weights:
+        return "reference", "auto: --lpips-weights measures against the original images"
     sample = uris[:: max(1, math.ceil(len(uris) / AUTO_SAMPLE))][:AUTO_SAMPLE]
     sides = sorted(min(s) for s in (_header_size(u, cfg.fs_options()) for u in sample) if s)
     need = cfg.reference_min_lr * cfg.scale
@@ -168,6 +173,16 @@ def _validate_models(cfg: CompareConfig) -> None:
             raise ConfigError(f"--models {spec}: a x{desc.scale} model; compare it with --scale {desc.scale}")
 
 
+def _lpips_net(cfg: CompareConfig, mode: str) -> str | None:
+    """Check ``--lpips-weights`` on the driver (a bad file is a configuration error before any actor starts); its
+    trunk (alex or vgg), or None when LPIPS is not measured."""
+    if not cfg.lpips_weights or mode != "reference":
+        return None
+    from srbatch.metrics.lpips import load_lpips
+
+    return load_lpips(cfg.lpips_weights, storage_options=cfg.fs_options()).net
+
+
 def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareResult:
     """Run the comparison described by ``cfg``; print progress and the summary to ``stream`` (stdout)."""
     stream = stream or sys.stdout
@@ -176,26 +191,28 @@ def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareR
     mode, why = choose_mode(cfg, [i["image_uri"] for i in items])
     labels = model_labels(cfg.models)
     _validate_models(cfg)
+    lpips_net = _lpips_net(cfg, mode)
     print(f"srbatch compare: {len(items)} image(s) x {len(labels)} model(s) ({', '.join(labels)}), x{cfg.scale}, "
           f"mode {mode} ({why})", file=stream, flush=True)  # fmt: skip
     out = cfg.output.rstrip("/")
     for i, it in enumerate(items):
         it["n"] = i
-    res = CompareResult(output=out, mode=mode, models=labels, convention=report_convention(cfg, mode))
+    res = CompareResult(output=out, mode=mode, models=labels, convention=report_convention(cfg, mode, lpips_net))
     from srbatch.jobkit.cluster import ray_session
 
     with ray_session(cfg):
         res.rows = _run_models(cfg, items, labels, mode)
         res.parquet = _write_parquet(cfg, res.rows)
-        res.report, res.shown = _write_report(cfg, items, res.rows, labels, mode, why)
+        res.report, res.shown = _write_report(cfg, items, res.rows, labels, mode, why, res.convention)
     res.seconds = time.perf_counter() - t0
     print(res.summary(), file=stream, flush=True)
     return res
 
 
-def report_convention(cfg: CompareConfig, mode: str) -> str:
+def report_convention(cfg: CompareConfig, mode: str, lpips_net: str | None = None) -> str:
     """The convention line of the report and the printed summary: how the references were made and measured, with
-    ``grey_as_rgb`` and ``noise_sigma`` (see :func:`srbatch.evaluate.describe_convention`)."""
+    ``grey_as_rgb``, ``noise_sigma`` and LPIPS (``lpips_net``: its trunk, when measured; see
+    :func:`srbatch.evaluate.describe_convention`)."""
     from srbatch.evaluate import describe_convention
 
     opts = f"grey_as_rgb={cfg.grey_as_rgb}; noise_sigma={cfg.noise_sigma:g}"
@@ -203,7 +220,7 @@ def report_convention(cfg: CompareConfig, mode: str) -> str:
         grey = " Grey images converted to RGB before the models." if cfg.grey_as_rgb else ""
         return f"Real mode: no ground truth; pictures only ({opts}).{grey}"
     return ("Reference mode: each image cropped to a multiple of the scale and downscaled with MATLAB bicubic "
-            f"(or the given LR); {opts}; {describe_convention(cfg.grey_as_rgb, cfg.noise_sigma)}. "
+            f"(or the given LR); {opts}; {describe_convention(cfg.grey_as_rgb, cfg.noise_sigma, lpips_net)}. "
             "Runtime: the model's upscaling time per image.")  # fmt: skip
 
 
@@ -295,7 +312,8 @@ def _panel_task(cfg_dump: dict[str, Any], item: dict[str, Any], outputs: dict[st
 
 
 def _write_report(
-    cfg: CompareConfig, items: list[dict[str, Any]], rows: list[dict[str, Any]], labels: list[str], mode: str, why: str
+    cfg: CompareConfig, items: list[dict[str, Any]], rows: list[dict[str, Any]], labels: list[str], mode: str, why: str,
+    convention: str | None = None,
 ) -> tuple[str, int]:
     from srbatch.compare.report import build_html
 
@@ -317,7 +335,8 @@ def _write_report(
     page = build_html(
         title=cfg.title or f"srbatch comparison x{cfg.scale}", rows=rows, models=labels, panels=panels,
         scale=cfg.scale, mode=mode, mode_text=why, n_images=len(items), max_images=cfg.max_report_images,
-        convention=report_convention(cfg, mode), grey_as_rgb=cfg.grey_as_rgb, noise_sigma=cfg.noise_sigma,
+        convention=convention or report_convention(cfg, mode), grey_as_rgb=cfg.grey_as_rgb,
+        noise_sigma=cfg.noise_sigma,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )  # fmt: skip
     uri = join_uri(cfg.output, "index.html")

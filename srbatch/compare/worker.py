@@ -36,6 +36,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("ssim_y", pa.float64()),
         pa.field("psnr_rgb", pa.float64()),
         pa.field("ssim_rgb", pa.float64()),
+        pa.field("lpips", pa.float64()),
         pa.field("precision", pa.string()),
         pa.field("grey", pa.bool_()),
         pa.field("grey_as_rgb", pa.bool_()),
@@ -46,7 +47,8 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 """Columns of ``comparison.parquet`` (one row per image x model). Metrics are null in real mode and on failure;
-``runtime_s`` is the model's upscaling time for the image (decode, measure and write excluded). ``grey``: the image
+``runtime_s`` is the model's upscaling time for the image (decode, measure and write excluded). ``lpips``: reference
+mode with ``--lpips-weights`` only (lower is better; see :mod:`srbatch.metrics.lpips`). ``grey``: the image
 (or its LR) was grey, i.e. a row ``grey_as_rgb`` changes (null when it could not be read); ``grey_as_rgb`` and
 ``noise_sigma``: the run's options (see :class:`~srbatch.compare.config.CompareConfig`)."""
 
@@ -114,6 +116,12 @@ class CompareWorker(ModelActor):
                           memory_share=memory_share, paper=mode == "reference")  # fmt: skip
         self.params = sum(p.numel() for p in self.desc.module.parameters())
         self.precision = resolve_precision(self.cfg.precision, self.desc)  # as `upscale_and_measure` resolves it
+        self.lpips = None
+        if self.cfg.lpips_weights and mode == "reference":
+            from srbatch.metrics.lpips import load_lpips
+
+            self.lpips = load_lpips(self.cfg.lpips_weights, storage_options=self.cfg.fs_options(),
+                                    device=self.up.device)  # fmt: skip
 
     def _one(self, image: str, image_uri: str, lr_uri: str | None, output_uri: str) -> tuple[dict[str, Any], Any]:
         from srbatch.evaluate import upscale_and_measure
@@ -130,6 +138,10 @@ class CompareWorker(ModelActor):
                 m, sr, secs = upscale_and_measure(self.up, lr, hr, border=self.cfg.scale, precision=self.cfg.precision)
                 row.update(psnr_y=m.psnr_y, ssim_y=m.ssim_y, psnr_rgb=m.psnr_rgb, ssim_rgb=m.ssim_rgb,
                            precision=self.precision)
+                if self.lpips is not None:
+                    from srbatch.metrics.lpips import lpips_distance
+
+                    row.update(lpips=lpips_distance(self.lpips, sr, hr, crop_border=self.cfg.scale))
             else:
                 t0 = time.perf_counter()
                 sr = self.up.upscale_image(lr).pixels
