@@ -92,6 +92,12 @@ class CompareConfig(ActorPoolConfig):
         "by the image's name (every model and every rerun see the same noise), rounded and clipped; measured against "
         "the clean image (a denoising comparison at --scale 1, where bicubic is the noisy input itself)",
     )
+    niqe: bool = Field(
+        True,
+        description="real mode: NIQE (no-reference naturalness, lower is better; srbatch's fitted pristine model) of "
+        "each model's output and of the input as a baseline, in comparison.parquet and the report; null where an image "
+        "is under 192x192 or flat. About 0.5 s per output megapixel on one CPU core; --no-niqe turns it off",
+    )
     crops: str = Field(
         "auto",
         description="auto: per image the highest-detail region, then where the models disagree most; or "

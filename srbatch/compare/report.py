@@ -260,8 +260,8 @@ def model_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> l
         d: dict[str, Any] = {"model": label, "images": len(ok), "failed": len(mine) - len(ok),
                              "architecture": next((r["architecture"] for r in mine if r["architecture"]), None),
                              "params": next((r["params"] for r in mine if r["params"] is not None), None)}  # fmt: skip
-        for k in (*METRICS, "runtime_s"):
-            vals = [r[k] for r in ok if r[k] is not None and math.isfinite(r[k])]
+        for k in (*METRICS, "runtime_s", "niqe"):
+            vals = [r.get(k) for r in ok if r.get(k) is not None and math.isfinite(r[k])]
             d[k] = float(np.mean(vals)) if vals else None
         out.append(d)
     return out
@@ -358,9 +358,17 @@ def build_html(
     reference = mode == "reference"
     best = {k: _best(summary, k) for k in METRICS}
     best["runtime_s"] = _best(summary, "runtime_s", lower=True)
+    best["niqe"] = _best(summary, "niqe", lower=True)
+    niqe_shown = not reference and any(r.get("niqe") is not None or r.get("input_niqe") is not None for r in rows)
+    inputs = {r["image"]: r["input_niqe"] for r in rows if r.get("input_niqe") is not None}
+    input_niqe = float(np.mean(list(inputs.values()))) if inputs else None
     per_image: dict[str, dict[str, str]] = {}
     for r in rows:
-        v = f"{r['psnr_y']:.2f} dB" if r["status"] == "ok" and r["psnr_y"] is not None else r["status"]
+        if niqe_shown:
+            v = f"NIQE {r['niqe']:.3f}" if r["status"] == "ok" and r.get("niqe") is not None else \
+                ("NIQE –" if r["status"] == "ok" else r["status"])
+        else:
+            v = f"{r['psnr_y']:.2f} dB" if r["status"] == "ok" and r["psnr_y"] is not None else r["status"]
         per_image.setdefault(r["image"], {})[r["model"]] = v
     failures = [f"{r['image']} · {r['model']}: {r['error_type']}: {r['error_message']}" for r in rows
                 if r["status"] != "ok"]  # fmt: skip
@@ -371,5 +379,6 @@ def build_html(
         scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=n_images > max_images,
         max_images=max_images, plot=plot_svg(summary) if reference else "", per_image=per_image, failures=failures,
         devices=devices, created=created, version=__version__, convention=convention, crop_px=CROP_DISPLAY,
-        grey_images=grey_images, grey_as_rgb=grey_as_rgb, noise_sigma=noise_sigma,
+        grey_images=grey_images, grey_as_rgb=grey_as_rgb, noise_sigma=noise_sigma, niqe_shown=niqe_shown,
+        input_niqe=input_niqe, input_niqe_images=len(inputs),
     )  # fmt: skip
