@@ -34,19 +34,29 @@ def _f64_resize(img, scale, antialiasing=True):
     return imresize(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float64)), scale).numpy()
 
 
+def _dithered_y(path) -> np.ndarray:
+    """The image's rounded MATLAB Y with a fixed +-1 dither, so that no 7x7 neighbourhood is constant.
+
+    In constant neighbourhoods srbatch's MSCN is exactly 0 (flat blocks: NaN features), while BasicSR (like MATLAB)
+    sums 49 equal products in floating point and gets rounding noise there; see test_flat_blocks_are_nan. Everywhere
+    else both compute the same function, which is what these tests compare."""
+    y = N.to_niqe_input(_rgb(path))
+    d = np.random.default_rng(7).integers(-1, 2, y.shape)
+    y = np.clip(y + d, 0, 255)
+    assert not N._flat(torch.from_numpy(y)).any()
+    return y
+
+
 @pytest.mark.refs
 @pytest.mark.parametrize("rel", SET5 + DOMAIN)
 def test_matches_basicsr_with_the_same_resize(refs, rel, monkeypatch):
     """Every step but the resize (MSCN, blocks, AGGD grid search, shifts, nanmean/nancov, pinv distance) vs BasicSR.
 
     BasicSR's imresize runs in float32 (MATLAB's in float64), so here both use srbatch's float64 MATLAB imresize; the
-    resize itself is checked against BasicSR's below. Same Y convention (rounded MATLAB Y) and same parameters."""
-    img = _rgb(refs / rel)
-    p = N.load_params()
+    resize itself is checked against BasicSR's below. Same grey input and the same parameters."""
+    y = _dithered_y(refs / rel)
     monkeypatch.setattr(ref, "imresize", _f64_resize)
-    theirs = _ref_niqe(N.to_niqe_input(img), p)
-    ours = N.niqe(img)
-    assert ours == pytest.approx(theirs, abs=1e-9, rel=0)
+    assert N.niqe(y) == pytest.approx(_ref_niqe(y, N.load_params()), abs=1e-9, rel=0)
 
 
 @pytest.mark.refs
@@ -54,13 +64,24 @@ def test_matches_basicsr_with_the_same_resize(refs, rel, monkeypatch):
 def test_matches_basicsr_end_to_end(refs, rel):
     """BasicSR unmodified (its float32 imresize) on images with >= 16 blocks: the float32 rounding moves a few AGGD
     shape estimates by one grid step (0.001), which moves the score by < 1e-3 here (measured 6e-5 .. 4e-4)."""
-    img = _rgb(refs / rel)
-    y = N.to_niqe_input(img)
-    assert N.niqe(img) == pytest.approx(_ref_niqe(y, N.load_params()), abs=1e-3, rel=0)
+    y = _dithered_y(refs / rel)
+    assert N.niqe(y) == pytest.approx(_ref_niqe(y, N.load_params()), abs=1e-3, rel=0)
     h, w = (y.shape[0] // 96) * 96, (y.shape[1] // 96) * 96
     theirs = ref.imresize(y[:h, :w] / 255.0, scale=0.5) * 255.0
     ours = imresize(torch.from_numpy(np.ascontiguousarray(y[:h, :w])), 0.5).numpy()
     assert np.abs(ours - theirs).max() < 1e-3  # float32 rounding only
+
+
+def test_flat_blocks_are_nan():
+    """A block whose every 7x7 neighbourhood is constant has MSCN 0: its AGGD features are NaN (alpha 0.2, MATLAB's
+    first grid value for an all-NaN argmin), as in exact arithmetic; the rest of the image is measured as usual."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 256, (288, 288)).astype(np.float64)
+    y[:102, :102] = 100.0  # 100: a value whose 49-term weighted sum is off by an ulp in floating point
+    feat = N.niqe_features(y)
+    assert np.all(feat[0, [0, 2, 6, 10, 14]] == 0.2) and np.isnan(feat[0, [1, 3, 4, 5, 7, 11, 15]]).all()
+    assert np.isfinite(feat[1:]).all()
+    assert np.isfinite(N.niqe(y))
 
 
 def _distortions(im: Image.Image, kind: str) -> list[np.ndarray]:
@@ -157,17 +178,22 @@ def _ref_fit(images, threshold=0.75):
 @pytest.mark.refs
 def test_fit_matches_loop_transcription_and_cli(refs, tmp_path):
     paths = [refs / SET5[0], *(refs / d for d in DOMAIN), refs / "domain/faces/max_sr_samples/original/face.png"]
-    imgs = [_rgb(p) for p in paths]
+    imgs = [_dithered_y(p) for p in paths]  # no constant neighbourhoods (see _dithered_y)
     mu, cov = _ref_fit(imgs, 0.5)  # 57 of 193 blocks (0.75 keeps 15: too few for a 36-d covariance)
     p = N.fit_params(imgs, sharpness_threshold=0.5)
     np.testing.assert_allclose(p.mu, mu, rtol=0, atol=1e-10)
     np.testing.assert_allclose(p.cov, cov, rtol=0, atol=1e-10)
+    files = []
+    for p, y in zip(paths, imgs):  # the command reads files: the dithered planes as 8-bit grey PNGs
+        files.append(tmp_path / f"{p.stem}.png")
+        Image.fromarray(y.astype(np.uint8)).save(files[-1])
     out = tmp_path / "fit.npz"
-    assert N.main(["fit", *map(str, paths), "-o", str(out), "--sharpness-threshold", "0.5"]) == 0
+    assert N.main(["fit", *map(str, files), "-o", str(out), "--sharpness-threshold", "0.5"]) == 0
     q = N.load_params(out)
     np.testing.assert_allclose(q.mu, mu, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(q.cov, cov, rtol=0, atol=1e-10)
     with np.load(out) as z:
-        assert str(z["files"]).split("\n") == [p.name for p in paths]
+        assert str(z["files"]).split("\n") == [f.name for f in files]
 
 
 def test_shipped_params_are_the_documented_file():

@@ -10,7 +10,9 @@ Conventions (those of LIVE's ``computequality.m`` and of BasicSR's ``calculate_n
 - The image is cropped to whole 96x96 blocks from the top-left (``crop_border`` pixels are removed from every edge
   first). It must be at least 192x192 after that crop (2x2 blocks; 1x1 leaves the image's own covariance
   undefined): :class:`NiqeError` otherwise.
-- MSCN coefficients with the 7x7 Gaussian window (sigma 7/6, normalised) and ``replicate`` borders, C = 1.
+- MSCN coefficients with the 7x7 Gaussian window (sigma 7/6, normalised) and ``replicate`` borders, C = 1; where
+  the 7x7 neighbourhood is constant the coefficient is exactly 0 (see :func:`_mscn`: implementations that sum the 49
+  products in floating point get rounding noise there instead, so their scores on images with flat areas differ).
 - 18 AGGD moment-matching features per block (shape by the grid 0.2:0.001:10, as ``estimateaggdparam.m``), at two
   scales: the second is MATLAB bicubic ``imresize(im, 0.5)`` (antialiased), with 48x48 blocks.
 - Score ``sqrt((mu_p - mu_d)' pinv((cov_p + cov_d) / 2) (mu_p - mu_d))`` with the block features' nan-mean and
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 
 from srbatch.errors import ConfigError, SrbatchError
 from srbatch.metrics.color import rgb_to_y
-from srbatch.metrics.resize import imresize
+from srbatch.metrics.resize import imresize_fast
 
 __all__ = ["NiqeError", "NiqeParams", "BLOCK", "MIN_SIZE", "DEFAULT_PARAMS", "load_params", "niqe", "niqe_features",
            "fit_params", "to_niqe_input"]  # fmt: skip
@@ -118,20 +120,52 @@ def to_niqe_input(img: np.ndarray) -> np.ndarray:
 
 
 def _window() -> torch.Tensor:
+    """MATLAB ``fspecial('gaussian', 7, 7/6)`` normalised to sum 1, as its separable 1-D factor (7,)."""
     x = torch.arange(-3, 4, dtype=torch.float64)
-    g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
-    return g / g.sum()  # MATLAB fspecial('gaussian', 7, 7/6), then window/sum(window(:))
+    g = torch.exp(-(x**2) / (2 * (7 / 6) ** 2))
+    return g / g.sum()  # outer(g, g) is the 2-D window: exp(-(x^2+y^2)/2s^2) / its sum
 
 
 def _filter(x: torch.Tensor) -> torch.Tensor:
-    """MATLAB ``imfilter(x, window, 'replicate')`` (correlation; the window is symmetric)."""
-    xp = F.pad(x[None, None], (3, 3, 3, 3), mode="replicate")
-    return F.conv2d(xp, _window()[None, None])[0, 0]
+    """MATLAB ``imfilter(x, window, 'replicate')`` (correlation; the window is symmetric), as two 1-D passes."""
+    g = _window().tolist()
+    h, w = x.shape
+    xp = F.pad(x[None, None], (3, 3, 3, 3), mode="replicate")[0, 0]
+    rows = xp[0:h, :] * g[0]
+    for k in range(1, 7):
+        rows.add_(xp[k : k + h, :], alpha=g[k])
+    out = rows[:, 0:w] * g[0]
+    for k in range(1, 7):
+        out.add_(rows[:, k : k + w], alpha=g[k])
+    return out
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """True where the 7x7 neighbourhood (replicate borders) is constant: its max equals its min (separable)."""
+    h, w = x.shape
+    p = F.pad(x[None, None], (3, 3, 3, 3), mode="replicate")[0, 0]
+    mx, mn = p[0:h].clone(), p[0:h].clone()
+    for k in range(1, 7):
+        torch.maximum(mx, p[k : k + h], out=mx)
+        torch.minimum(mn, p[k : k + h], out=mn)
+    mx2, mn2 = mx[:, 0:w].clone(), mn[:, 0:w].clone()
+    for k in range(1, 7):
+        torch.maximum(mx2, mx[:, k : k + w], out=mx2)
+        torch.minimum(mn2, mn[:, k : k + w], out=mn2)
+    return mx2 == mn2
 
 
 def _mscn(im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSCN coefficients ``(im - mu) / (sigma + 1)`` and the local deviation ``sigma``.
+
+    Where the 7x7 neighbourhood is constant, ``mu`` is the pixel and ``sigma`` 0 exactly (MSCN 0), as in exact
+    arithmetic: a weighted sum of 49 equal values is otherwise off by an ulp in an order-dependent way, which would
+    give flat blocks features of rounding noise (that differ between MATLAB, SciPy and here) instead of NaN."""
     mu = _filter(im)
     sigma = torch.sqrt(torch.abs(_filter(im * im) - mu * mu))
+    flat = _flat(im)
+    mu = torch.where(flat, im, mu)
+    sigma = torch.where(flat, torch.zeros_like(sigma), sigma)
     return (im - mu) / (sigma + 1), sigma
 
 
@@ -204,7 +238,7 @@ def niqe_features(y: np.ndarray, *, with_sharpness: bool = False) -> np.ndarray 
         if scale == 1:
             s = sigma.numpy()
             sharp = s.reshape(nh, BLOCK, nw, BLOCK).mean(axis=(1, 3)).ravel()
-            im = imresize(im, 0.5)
+            im = imresize_fast(im, 0.5)  # float64 in, float64 out: MATLAB's weights, a few taps per pixel
     out = np.concatenate(feats, axis=1)
     return (out, sharp) if with_sharpness else out
 
