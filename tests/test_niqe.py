@@ -131,6 +131,8 @@ def test_errors_small_flat_and_bad_params(tmp_path):
         N.niqe(rng.integers(0, 256, (200, 200), dtype=np.uint8), params=bad)
     with pytest.raises(ConfigError, match="make one with"):
         N.load_params(tmp_path / "missing.npz")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "small.png")
+    assert N.main(["score", str(tmp_path / "small.png")]) == 1  # a line with the reason, exit 1, no traceback
 
 
 def test_channel_convention():

@@ -96,7 +96,7 @@ class CompareConfig(ActorPoolConfig):
         True,
         description="real mode: NIQE (no-reference naturalness, lower is better; srbatch's fitted pristine model) of "
         "each model's output and of the input as a baseline, in comparison.parquet and the report; null where an image "
-        "is under 192x192 or flat. About 0.5 s per output megapixel on one CPU core; --no-niqe turns it off",
+        "is under 192x192 or flat. About 0.35 s per output megapixel on one CPU core; --no-niqe turns it off",
     )
     crops: str = Field(
         "auto",
