@@ -17,8 +17,8 @@ Conventions (those of LIVE's ``computequality.m`` and of BasicSR's ``calculate_n
   scales: the second is MATLAB bicubic ``imresize(im, 0.5)`` (antialiased), with 48x48 blocks.
 - Score ``sqrt((mu_p - mu_d)' pinv((cov_p + cov_d) / 2) (mu_p - mu_d))`` with the block features' nan-mean and
   the covariance of the blocks without NaN (MATLAB ``nanmean``/``nancov``). A flat block gives NaN features (as in
-  exact arithmetic); an image with fewer than 2 usable blocks (flat, black) raises :class:`NiqeError`. The jobs record null
-  for such images (and for images under 192x192) instead of failing them.
+  exact arithmetic); an image with fewer than 2 usable blocks (flat, black) raises :class:`NiqeError`. The jobs
+  record null for such images (and for images under 192x192) instead of failing them.
 
 Pristine model: srbatch ships parameters it **fitted itself** (``srbatch/data/niqe/srbatch_pristine.npz``) with
 MATLAB's ``estimatemodelparam``/``fitniqe`` procedure (blocks whose mean local deviation exceeds 0.75 of the image's
@@ -89,7 +89,8 @@ def _load_params(path: str) -> NiqeParams:
     except (OSError, KeyError, ValueError) as e:
         raise ConfigError(f"NIQE params {path!r}: expected an .npz with arrays 'mu' (36,) and 'cov' (36, 36) "
                           f"(make one with `python -m srbatch.metrics.niqe fit IMAGES -o params.npz`); {e}") from e
-    if mu.shape != (_N_FEAT,) or cov.shape != (_N_FEAT, _N_FEAT) or not (np.isfinite(mu).all() and np.isfinite(cov).all()):
+    finite = bool(np.isfinite(mu).all() and np.isfinite(cov).all())
+    if mu.shape != (_N_FEAT,) or cov.shape != (_N_FEAT, _N_FEAT) or not finite:
         raise ConfigError(f"NIQE params {path!r}: expected finite 'mu' (36,) and 'cov' (36, 36); "
                           f"found {mu.shape} and {cov.shape}")  # fmt: skip
     return NiqeParams(mu=mu, cov=cov)
@@ -258,8 +259,9 @@ def niqe(img: np.ndarray, *, params: NiqeParams | str | Path | None = None, crop
     y = _crop(to_niqe_input(img), crop_border)
     h, w = y.shape
     if h < MIN_SIZE or w < MIN_SIZE:
-        raise NiqeError(f"NIQE needs an image of at least {MIN_SIZE}x{MIN_SIZE} pixels (2x2 blocks of {BLOCK}) after "
-                        f"crop_border={crop_border}; got {w}x{h}. Measure a larger image (e.g. the SR output)")  # fmt: skip
+        raise NiqeError(f"NIQE needs an image of at least {MIN_SIZE}x{MIN_SIZE} pixels (2x2 blocks of {BLOCK}) "
+                        f"after crop_border={crop_border}; got {w}x{h}. Measure a larger image (e.g. the SR "
+                        "output)")  # fmt: skip
     feat = niqe_features(y)
     return _distance(feat, p)
 
