@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-import _niqe_reference as ref
+from _niqe_reference import basicsr_niqe as ref
 from srbatch.errors import ConfigError
 from srbatch.metrics import niqe as N
 from srbatch.metrics.resize import imresize
