@@ -15,6 +15,11 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "srbatch setup: installing srbatch and its dependencies"
 pip_install -c constraints.txt -e ".[test]"
+# The NIQE tests' reference: BasicSR's own niqe.py (sdist only; its declared dependencies, tb-nightly and a second
+# torch build, are not needed by that file, so it is installed without them; tests/_niqe_reference.py loads it).
+if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('basicsr')" 2>/dev/null; then
+  pip_install --no-deps --no-build-isolation basicsr-fixed==1.4.2
+fi
 # The comparison report's browser test drives Debian's Chromium (headless) through chromedriver.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then

@@ -270,6 +270,7 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     MetricColumn("psnr_rgb", "PSNR_RGB", "%.3f", unit="dB"),
     MetricColumn("ssim_rgb", "SSIM_RGB", "%.4f"),
     MetricColumn("lpips", "LPIPS", "%.4f", higher_is_better=False, always_in=None, plot=True, per_image=True),
+    MetricColumn("niqe", "NIQE", "%.3f", higher_is_better=False, always_in=None, plot=True, per_image=True),
 )
 """The metrics the summary table, the plot and the per-image lines know, in table order. A new metric is one more
 entry here (and a column in :data:`~srbatch.compare.worker.ROW_SCHEMA`)."""
@@ -422,12 +423,18 @@ def build_html(
     best = {c.key: _best(summary, c.key, lower=not c.higher_is_better) for c in METRIC_COLUMNS}
     best["runtime_s"] = _best(summary, "runtime_s", lower=True)
     plots = [(c, svg) for c in columns if c.plot for svg in [plot_svg(summary, metric=c)] if svg]
+    niqe_shown = any(c.key == "niqe" for c in columns)
+    inputs = {r["image"]: r["input_niqe"] for r in rows if r.get("input_niqe") is not None}
+    input_niqe = float(np.mean(list(inputs.values()))) if inputs else None
     per_image: dict[str, dict[str, str]] = {}
     for r in rows:
-        v = f"{r['psnr_y']:.2f} dB" if r["status"] == "ok" and r["psnr_y"] is not None else r["status"]
         if r["status"] == "ok":
-            v += "".join(f", {c.label} {c.fmt % r[c.key]}" for c in columns
-                         if c.per_image and c.key != "psnr_y" and r.get(c.key) is not None)  # fmt: skip
+            parts = [f"{r['psnr_y']:.2f} dB"] if r.get("psnr_y") is not None else []
+            parts += [f"{c.label} {c.fmt % r[c.key]}" for c in columns
+                      if c.per_image and c.key != "psnr_y" and r.get(c.key) is not None]  # fmt: skip
+            v = ", ".join(parts) or "ok"
+        else:
+            v = r["status"]
         per_image.setdefault(r["image"], {})[r["model"]] = v
     failures = [f"{r['image']} · {r['model']}: {r['error_type']}: {r['error_message']}" for r in rows
                 if r["status"] != "ok"]  # fmt: skip
@@ -438,5 +445,6 @@ def build_html(
         scale=scale, mode=mode, mode_text=mode_text, n_images=n_images, limited=n_images > max_images,
         max_images=max_images, plots=plots, columns=columns, per_image=per_image, failures=failures,
         devices=devices, created=created, version=__version__, convention=convention, crop_px=CROP_DISPLAY,
-        grey_images=grey_images, grey_as_rgb=grey_as_rgb, noise_sigma=noise_sigma,
+        grey_images=grey_images, grey_as_rgb=grey_as_rgb, noise_sigma=noise_sigma, niqe_shown=niqe_shown,
+        input_niqe=input_niqe, input_niqe_images=len(inputs),
     )  # fmt: skip

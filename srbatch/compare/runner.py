@@ -58,9 +58,10 @@ class CompareResult:
 
         ref = self.mode == "reference"
         lp = any(r.get("lpips") is not None for r in self.rows)
+        nq = not ref and any(r.get("niqe") is not None for r in self.rows)
         head = f"{'model':<24} {'params':>10}" + (
             f" {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" if ref else ""
-        ) + (f" {'LPIPS':>7}" if lp else "") + f" {'s/image':>8} {'ok':>4} {'failed':>6}"
+        ) + (f" {'LPIPS':>7}" if lp else "") + (f" {'NIQE':>7}" if nq else "") + f" {'s/image':>8} {'ok':>4} {'failed':>6}"
         lines = [head, "-" * len(head)]
         for s in model_summary(self.rows, self.models):
             params = f"{s['params']:,}" if s["params"] is not None else "-"
@@ -70,8 +71,14 @@ class CompareResult:
                                                                       ("psnr_rgb", 9, 3), ("ssim_rgb", 9, 4)))  # fmt: skip
             if lp:
                 line += f" {_f(s.get('lpips'), 7, 4)}"
+            if nq:
+                line += f" {_f(s['niqe'], 7, 3)}"
             line += f" {_f(s['runtime_s'], 8, 4)} {s['images']:>4} {s['failed']:>6}"
             lines.append(line)
+        inputs = {r["image"]: r["input_niqe"] for r in self.rows if r.get("input_niqe") is not None}
+        if nq and inputs:
+            lines.append(f"{'input (no upscaling)':<24} {'':>10} {_f(float(sum(inputs.values()) / len(inputs)), 7, 3)}"
+                         f" {'':>8} {len(inputs):>4}")  # fmt: skip
         return "\n".join(lines)
 
     def summary(self) -> str:

@@ -44,13 +44,18 @@ ROW_SCHEMA = pa.schema(
         pa.field("runtime_s", pa.float64()),
         pa.field("output_uri", pa.string()),
         pa.field("device", pa.string()),
+        pa.field("niqe", pa.float64()),
+        pa.field("input_niqe", pa.float64()),
     ]
 )
 """Columns of ``comparison.parquet`` (one row per image x model). Metrics are null in real mode and on failure;
 ``runtime_s`` is the model's upscaling time for the image (decode, measure and write excluded). ``lpips``: reference
 mode with ``--lpips-weights`` only (lower is better; see :mod:`srbatch.metrics.lpips`). ``grey``: the image
 (or its LR) was grey, i.e. a row ``grey_as_rgb`` changes (null when it could not be read); ``grey_as_rgb`` and
-``noise_sigma``: the run's options (see :class:`~srbatch.compare.config.CompareConfig`)."""
+``noise_sigma``: the run's options (see :class:`~srbatch.compare.config.CompareConfig`). ``niqe`` (real mode, with
+``CompareConfig.niqe``): NIQE of the output as written (:func:`srbatch.metrics.niqe.niqe`, lower is better);
+``input_niqe``: NIQE of the input image itself, the no-upscaling baseline (the same on every model's row); both null
+where NIQE is undefined (an image under 192x192, or flat)."""
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -146,6 +151,8 @@ class CompareWorker(ModelActor):
                 t0 = time.perf_counter()
                 sr = self.up.upscale_image(lr).pixels
                 secs = time.perf_counter() - t0
+                if self.cfg.niqe:
+                    row.update(niqe=_niqe_or_none(sr), input_niqe=_niqe_or_none(lr.pixels))
             row.update(runtime_s=secs, output_width=int(sr.shape[1]), output_height=int(sr.shape[0]))
             return row, self.pool.submit(_write_png, sr, output_uri, self.cfg.fs_options())
         except Exception as e:  # noqa: BLE001 - one broken image is one failed row
@@ -163,6 +170,16 @@ class CompareWorker(ModelActor):
             self._settle(row, fut, output_uri=str(out_uri))
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def _niqe_or_none(pixels: np.ndarray) -> float | None:
+    """NIQE of ``pixels`` (srbatch's pristine model), None where it is undefined (under 192x192, or flat)."""
+    from srbatch.metrics.niqe import NiqeError, niqe
+
+    try:
+        return niqe(pixels)
+    except NiqeError:
+        return None
 
 
 LARGE_OUTPUT_BYTES = 64 * 1024**2

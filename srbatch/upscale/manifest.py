@@ -67,6 +67,7 @@ SCHEMA = pa.schema(
         pa.field("ssim_y", pa.float64()),
         pa.field("psnr_rgb", pa.float64()),
         pa.field("ssim_rgb", pa.float64()),
+        pa.field("niqe", pa.float64()),
         pa.field("tile_height", pa.int32()),
         pa.field("tile_width", pa.int32()),
         pa.field("tile_exact", pa.bool_()),

@@ -93,6 +93,8 @@ def fingerprint(cfg: UpscaleConfig, model_id: Mapping[str, Any]) -> str:
         "quality": cfg.quality,
         "reference": cfg.reference,
     }
+    if cfg.quality_metric != "none":  # only when set: earlier fingerprints stay valid; a rerun adds the column
+        payload["quality_metric"] = cfg.quality_metric
     if cfg.tiff_pyramid and cfg.format == "TIFF":  # only when set: earlier fingerprints stay valid
         payload["tiff_pyramid"] = cfg.tiff_pyramid
     # Codec settings, each only where it changes the bytes and differs from what every earlier run used (PNG level 6,

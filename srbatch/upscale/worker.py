@@ -226,7 +226,26 @@ class ImageIO:
         alpha = None if self.cfg.format == "JPEG" else out.alpha
         row.update(output_width=out.width, output_height=out.height, output_mode=image_mode(out.pixels, alpha),
                    output_bytes=len(encoded))  # fmt: skip
+        if self.cfg.quality_metric == "niqe":
+            t = time.perf_counter()
+            row["niqe"] = self._niqe(out, encoded)
+            row["encode_s"] += time.perf_counter() - t
         return encoded
+
+    def _niqe(self, out: Any, encoded: bytes) -> float | None:
+        """NIQE of the output as written (``--quality-metric niqe``): of the pixels for lossless formats, of the
+        decoded file for JPEG and lossy WebP; None when NIQE is undefined for it (under 192x192, or flat)."""
+        from srbatch.metrics.niqe import NiqeError, niqe
+
+        pixels = out.pixels
+        if self.cfg.format == "JPEG" or (self.cfg.format == "WEBP" and not self.cfg.webp_lossless):
+            from srbatch.io.images import decode_image
+
+            pixels = decode_image(encoded, name="output", max_pixels=out.width * out.height + 1).pixels
+        try:
+            return niqe(pixels)
+        except NiqeError:
+            return None
 
     def _encode(self, out: Any) -> bytes:
         """The output file's bytes for an upscaled image, with the job's codec settings."""
