@@ -158,18 +158,20 @@ def to_onnx(desc: ModelDescriptor, *, opset: int = DEFAULT_OPSET) -> Any:
     if not isinstance(opset, int) or isinstance(opset, bool) or not 7 <= opset <= 25:
         raise ConfigError(f"--opset: expected an ONNX opset between 7 and 25 (default {DEFAULT_OPSET}); got {opset!r}")
     module = desc.module.float().eval()
-    sample = torch.rand(probe_shapes(desc.info)[0], generator=torch.Generator().manual_seed(0))
-    dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=1),
-            3: torch.export.Dim("width", min=1)}  # fmt: skip
+    # batch 2: torch.export specialises dimensions of size 0 and 1
+    sample = torch.rand(probe_shapes(desc.info, batch=2)[0], generator=torch.Generator().manual_seed(0))
+    dyn = torch.export.Dim.DYNAMIC
     what = f"{desc.architecture} ({desc.name or 'unnamed'})"
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, (sample,), None, dynamo=True, opset_version=opset, input_names=["input"],
-                output_names=["output"], dynamic_shapes=(dims,), verbose=False, external_data=False,
+            # one non-strict torch.export (torch.onnx would retry strict and draft modes on failure: 10x slower)
+            program = torch.export.export(module, (sample,), dynamic_shapes=({0: dyn, 2: dyn, 3: dyn},), strict=False)
+            onnx_program = torch.onnx.export(
+                program, (sample,), None, dynamo=True, opset_version=opset, input_names=["input"],
+                output_names=["output"], verbose=False, external_data=False,
             )  # fmt: skip
-        proto = program.model_proto
+        proto = onnx_program.model_proto
     except Exception as e:
         raise ConfigError(
             f"{what}: torch.onnx (dynamo exporter, opset {opset}) cannot export this model with dynamic height and "

@@ -78,7 +78,7 @@ def load_onnx(
     if sha256 is not None and sha256.lower() != digest:
         raise ChecksumMismatchError(f"{uri}: sha256 {digest} differs from the expected {sha256}")
     try:
-        proto = onnx.load_model_from_string(data, load_external_data=False)
+        proto = onnx.load_model_from_string(data)
     except Exception as e:
         raise WeightsError(f"{uri}: not a readable ONNX file ({type(e).__name__}: {e})") from e
     meta = {p.key: p.value for p in proto.metadata_props}
