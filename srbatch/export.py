@@ -326,7 +326,8 @@ def trt_facts(proto: Any) -> dict[str, Any]:
     high_rank = sorted({n.op_type for n in g.node if any(rank.get(o, 0) >= 6 for o in n.output)})
     notes = []
     if high_rank:
-        notes.append(f"6-D tensors from {'/'.join(high_rank)} (pixel_unshuffle written as reshape-transpose-reshape)")
+        notes.append(f"6-D tensors from {'/'.join(high_rank)} (pixel_unshuffle's reshape-transpose-reshape, or a "
+                     "6-D broadcast)")
     if runtime_reshapes:
         notes.append(f"{len(runtime_reshapes)} Reshape(s) with run-time shapes (dynamic-shape profiles needed)")
     data_dependent = sorted(set(ops) & {"Loop", "If", "NonZero", "Scan", "Unique"})
