@@ -178,6 +178,25 @@ def test_bad_input_gets_clear_errors(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_foreign_onnx_file_is_refused_by_load_model(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from srbatch import load_model
+    from srbatch.errors import WeightsError
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g", [x], [y])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(WeightsError, match="without srbatch metadata .*srbatch.scale missing.*srbatch export"):
+        load_model(str(path))
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(WeightsError, match="junk.onnx: not a readable ONNX file"):
+        load_model(str(tmp_path / "junk.onnx"))
+
+
 def test_cli_writes_a_file_onnxruntime_runs(tmp_path, refs):
     out = tmp_path / "sub" / "fsrcnn.onnx"
     cmd = [sys.executable, "-m", "srbatch", "export", "--model", "fsrcnn", "--scale", "3", "--model-args",
@@ -221,3 +240,21 @@ def test_exported_file_runs_through_the_engine_like_the_torch_model(tmp_path, re
         assert np.abs(a - b).max() <= TOL
     with pytest.raises(ConfigError, match="x3 model but scale 2"):
         load_model(path, scale=2)
+
+
+def test_export_to_s3_and_load_back(s3_bucket):
+    """-o s3://... (fsspec); the object loads back through load_model with its sha256 and runs like the module."""
+    from srbatch import load_model
+    from srbatch.errors import ChecksumMismatchError
+
+    torch.manual_seed(0)
+    desc = build_model("fsrcnn", scale=2, d=8, s=4, m=1)
+    uri = f"s3://{s3_bucket}/exports/fsrcnn.onnx"
+    res = export_model(desc, uri)
+    back = load_model(uri, sha256=res.sha256)
+    assert back.architecture == "onnx:fsrcnn" and back.sha256 == res.sha256 and back.scale == 2
+    x = torch.rand(1, 3, 9, 14)
+    with torch.inference_mode():
+        assert (back.module(x) - desc.module(x)).abs().max() <= TOL
+    with pytest.raises(ChecksumMismatchError):
+        load_model(uri, sha256="0" * 64)
