@@ -51,8 +51,8 @@ log = logging.getLogger("srbatch.export")
 
 FORMATS: tuple[str, ...] = ("onnx",)
 DEFAULT_OPSET = 18
-"""The opset torch.onnx's dynamo exporter (onnxscript's torchlib) is written for; onnxruntime >= 1.14 and TensorRT >=
-8.6 read it. Other opsets go through the ONNX version converter (``--opset 17`` works for the native models)."""
+"""The opset torch.onnx's dynamo exporter (onnxscript's torchlib) is written for; onnxruntime >= 1.14 reads it. Other
+opsets go through the ONNX version converter (``--opset 17``, for TensorRT 8.6's parser, is tested on FSRCNN)."""
 META_PREFIX = "srbatch."
 VERIFY_TOLERANCE = 1e-3
 """Largest |onnxruntime - PyTorch| accepted at export time (outputs live in [0, 1]; float32 reordering gives ~1e-6, a
@@ -270,6 +270,8 @@ def export_model(
     desc = model if isinstance(model, ModelDescriptor) else resolve_model(
         model, scale=scale, model_args=model_args, storage_options=storage_options
     )  # fmt: skip
+    if desc.architecture.startswith("onnx:"):
+        raise ConfigError(f"{desc.source or desc.name} is already an ONNX file; export the original checkpoint instead")
     proto = to_onnx(desc, opset=opset)
     data = proto.SerializeToString()
     gen = torch.Generator().manual_seed(1)

@@ -258,3 +258,5 @@ def test_export_to_s3_and_load_back(s3_bucket):
         assert (back.module(x) - desc.module(x)).abs().max() <= TOL
     with pytest.raises(ChecksumMismatchError):
         load_model(uri, sha256="0" * 64)
+    with pytest.raises(ConfigError, match="already an ONNX file"):
+        export_model(uri, f"s3://{s3_bucket}/exports/again.onnx")
