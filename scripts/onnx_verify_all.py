@@ -9,7 +9,8 @@ nhat_thanh) and the shipped default models; random weights otherwise (sizes belo
 
 Columns: model, weights, scale, colour space, export seconds, max |onnxruntime - torch| over both crops (batch 1 at
 64x48, batch 2 at 37x53, in the model's colour space), CPU ms per forward of the first crop (torch / onnxruntime,
-median of 3 after a warm-up; both use all cores), the graph's ops and what the graph says about TensorRT (see srbatch.export.trt_facts).
+median of 3 after a warm-up; both use all cores), the graph's ops and what the graph says about TensorRT
+(srbatch.export.trt_facts).
 """
 
 from __future__ import annotations

@@ -212,8 +212,9 @@ def test_cli_writes_a_file_onnxruntime_runs(tmp_path, refs):
     x = _crop(refs, (1, 3, 15, 22), "RGB", seed=3)
     y = _ort_run(str(out), x)
     assert y.shape == (1, 3, 45, 66) and np.isfinite(y).all() and 0.05 < y.std()
-    bad = subprocess.run([sys.executable, "-m", "srbatch", "export", "--model", "nearest", "--scale", "2", "--format",
-                          "tflite", "-o", str(tmp_path / "b.onnx")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd = [sys.executable, "-m", "srbatch", "export", "--model", "nearest", "--scale", "2", "--format", "tflite", "-o",
+           str(tmp_path / "b.onnx")]  # fmt: skip
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown export format 'tflite'" in bad.stderr and "Traceback" not in bad.stderr
 
 
