@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a model to ONNX (dynamic batch/height/width, descriptor in the metadata), checked by "
         "onnxruntime",
-        description="Export a model with torch.onnx (dynamo exporter). The graph takes (N, C, H, W) float32 in [0, 1] in "
-        "the model's colour space; the srbatch descriptor is stored in the ONNX metadata_props (srbatch.*). Before "
+        description="Export a model with torch.onnx (dynamo exporter). The graph takes (N, C, H, W) float32 in [0, 1] "
+        "in the model's colour space; the srbatch descriptor is stored in the ONNX metadata_props (srbatch.*). Before "
         "writing, onnxruntime must reproduce PyTorch within 1e-3 at two input sizes other than the export sample.",
     )
     p.add_argument("--model", required=True, help="model name (untrained build for architectures/variants), "
