@@ -1,6 +1,6 @@
 """The ``srbatch`` command: ``models``, ``evaluate``, ``upscale`` (the Ray job of :mod:`srbatch.upscale`), ``manifest``
 (its manifest's operations, :mod:`srbatch.upscale.manifest_cli`), ``compare`` (:mod:`srbatch.compare`), ``train`` (the
-Ray Train job of :mod:`srbatch.train`)."""
+Ray Train job of :mod:`srbatch.train`), ``export`` (ONNX, :mod:`srbatch.export`)."""
 
 from __future__ import annotations
 
@@ -131,6 +131,33 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from srbatch.errors import ConfigError
+    from srbatch.export import export_model
+
+    model_args: dict[str, Any] = {}
+    if args.model_args:
+        import yaml
+
+        try:
+            model_args = yaml.safe_load(args.model_args)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--model-args: not YAML ({e}); expected a mapping such as '{{num_block: 8}}'") from None
+        if not isinstance(model_args, dict):
+            raise ConfigError(f"--model-args: expected a mapping such as '{{num_block: 8}}'; got {args.model_args!r}")
+    so = parse_storage_options(args.storage_option)
+    res = export_model(args.model, args.output, format=args.format, opset=args.opset, scale=args.scale,
+                       model_args=model_args, storage_options=so)  # fmt: skip
+    if args.json:
+        print(json.dumps({"uri": res.uri, "architecture": res.architecture, "name": res.name, "opset": res.opset,
+                          "max_abs_diff": res.max_abs_diff, "checks": [[list(s), d] for s, d in res.checks],
+                          "ops": list(res.ops), "tensorrt": res.trt, "bytes": res.nbytes, "sha256": res.sha256,
+                          "seconds": round(res.seconds, 2)}))  # fmt: skip
+    else:
+        print(res.summary())
+    return 0
+
+
 def _non_negative_float(text: str) -> float:
     try:
         v = float(text)
@@ -207,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX (dynamic batch/height/width, descriptor in the metadata), checked by "
+        "onnxruntime",
+        description="Export a model with torch.onnx (dynamo exporter). The graph takes (N, C, H, W) float32 in [0, 1] "
+        "in the model's colour space; the srbatch descriptor is stored in the ONNX metadata_props (srbatch.*). Before "
+        "writing, onnxruntime must reproduce PyTorch within 1e-3 at two input sizes other than the export sample.",
+    )
+    p.add_argument("--model", required=True, help="model name (untrained build for architectures/variants), "
+                   "checkpoint path/URI or training output folder")  # fmt: skip
+    p.add_argument("--format", default="onnx", help="export format; only onnx [onnx]")
+    p.add_argument("-o", "--output", required=True, help="output file: local path or URI (s3://bucket/m.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset [18]")
+    p.add_argument("--scale", type=int, help="upscaling factor (for scale-agnostic weights and registry names)")
+    p.add_argument("--model-args", help="hyper-parameters of a registry name, YAML: '{num_block: 8, num_feat: 32}'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
+    p.set_defaults(func=_cmd_export)
 
     sub.add_parser(
         "upscale",

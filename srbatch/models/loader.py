@@ -133,6 +133,10 @@ def load_model(
         from srbatch.models.tf_import import load_tf_model
 
         return load_tf_model(model, scale=scale, sha256=sha256, storage_options=storage_options)
+    if model.lower().endswith(".onnx"):  # written by `srbatch export`: runs through onnxruntime
+        from srbatch.models.onnx_runner import load_onnx
+
+        return load_onnx(model, scale=scale, sha256=sha256, storage_options=storage_options)
     model = _resolve_export_folder(model, storage_options)
     ckpt = load_checkpoint(model, sha256=sha256, storage_options=storage_options)
     display = model.rstrip("/").rsplit("/", 1)[-1]
@@ -209,8 +213,8 @@ def save_model(desc: ModelDescriptor, uri: str, *, storage_options: Mapping[str,
     """
     from srbatch.weights.checkpoint import save_checkpoint
 
-    if desc.architecture.startswith("spandrel:"):
-        raise ConfigError(f"{desc.name}: spandrel models cannot be re-saved by srbatch; keep the original checkpoint")
+    if desc.architecture.startswith(("spandrel:", "onnx:")):
+        raise ConfigError(f"{desc.name}: spandrel and ONNX models cannot be re-saved by srbatch; keep the original file")
     return save_checkpoint(
         desc.module.state_dict(),
         uri,
