@@ -185,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale LR images (given, or made from HR with MATLAB bicubic) and measure PSNR/SSIM against HR "
         "on the Y channel of MATLAB rgb2ycbcr with `scale` border pixels shaved (the convention of published tables).",
     )
-    p.add_argument("--model", required=True, help="model name (bicubic) or checkpoint path/URI (.safetensors/.pth)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model name (bicubic) or checkpoint path/URI (.safetensors/.pth; a TensorFlow .pb of ESPCN/FSRCNN; an "
+        ".onnx written by `srbatch export`)",
+    )
     p.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 3, 4, ...)")
     p.add_argument("--hr", required=True, help="HR images: folder, glob or URI (s3://bucket/set5/*_HR.png)")
     p.add_argument(
