@@ -31,7 +31,7 @@ class UpscaleConfig(ActorPoolConfig):
         description="output folder/prefix; images keep their path relative to the input root and the manifest goes "
         "to <output>/_manifest/"
     )
-    model: str = Field("bicubic", description="model name (see `srbatch models`) or checkpoint path/URI (also .pb, .onnx)")
+    model: str = Field("bicubic", description="model name (see `srbatch models`) or checkpoint path/URI (.pb, .onnx too)")
     scale: int = Field(4, ge=1, le=16, description="upscaling factor of the model (2, 3, 4, 8; 1 for restoration)")
     outscale: float | None = Field(
         None, gt=0, description="final scale when different from the model's (output resized with MATLAB bicubic)"
