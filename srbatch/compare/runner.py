@@ -59,9 +59,10 @@ class CompareResult:
         ref = self.mode == "reference"
         lp = any(r.get("lpips") is not None for r in self.rows)
         nq = not ref and any(r.get("niqe") is not None for r in self.rows)
-        head = f"{'model':<24} {'params':>10}" + (
-            f" {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" if ref else ""
-        ) + (f" {'LPIPS':>7}" if lp else "") + (f" {'NIQE':>7}" if nq else "") + f" {'s/image':>8} {'ok':>4} {'failed':>6}"
+        head = (f"{'model':<24} {'params':>10}"
+                + (f" {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" if ref else "")
+                + (f" {'LPIPS':>7}" if lp else "") + (f" {'NIQE':>7}" if nq else "")
+                + f" {'s/image':>8} {'ok':>4} {'failed':>6}")  # fmt: skip
         lines = [head, "-" * len(head)]
         for s in model_summary(self.rows, self.models):
             params = f"{s['params']:,}" if s["params"] is not None else "-"
