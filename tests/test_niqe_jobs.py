@@ -124,6 +124,6 @@ def test_compare_real_mode_niqe_in_parquet_and_report(ray_cluster, s3_bucket, ca
     page = fs.cat_file(f"{s3_bucket}/cmp/index.html").decode()
     mean = np.mean([r["niqe"] for r in rows])
     base = np.mean([r["input_niqe"] for r in rows if r["input_niqe"] is not None])
-    assert "NIQE ↓" in page and f"{mean:.3f}" in page and 'id="niqe-input"' in page and f"{base:.3f}" in page
+    assert "NIQE&nbsp;↓" in page and f"{mean:.3f}" in page and 'id="niqe-input"' in page and f"{base:.3f}" in page
     assert f"NIQE {by['cat']['niqe']:.3f}" in page  # per image, beside each model
     assert "NIQE" in printed and "input (no upscaling)" in printed and f"{mean:.3f}" in printed
