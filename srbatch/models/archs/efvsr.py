@@ -87,6 +87,9 @@ class EFVSR(nn.Module):
         self.blocks = nn.Sequential(*[_Block(n_feats) for _ in range(n_blocks)])
         self.tail = nn.Conv2d(n_feats, channels * scale * scale, 3, padding=1)
         self.shuffle = nn.PixelShuffle(scale)
+        with torch.no_grad():  # start close to the bilinear upscale of the centre frame (a small residual)
+            self.tail.weight.mul_(0.1)
+            self.tail.bias.zero_()
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """Any accepted input form -> the packed ``(N, T*C, H, W)`` window; a :class:`ConfigError` otherwise."""
