@@ -110,8 +110,26 @@ def _plan_clips(cfg: TrainConfig, so: Mapping[str, Any], radius: int) -> dict[st
         train, val = split_images(clips, val_fraction=cfg.val_fraction, val_max=cfg.val_max_images, seed=cfg.seed)
     if not train:
         raise ConfigError(f"--data {cfg.data}: no training clips left after holding out {len(val)} for validation")
+    need = 2 * radius + 1
+    for uri in train:
+        n = clip_length(uri, so)
+        if n < need:
+            raise ConfigError(f"clip {uri} has {n} frame(s); --model {cfg.model} needs windows of {need} frames "
+                              f"(temporal radius {radius}): remove it from --data or use longer clips")  # fmt: skip
     channels = cfg.channels if cfg.channels is not None else 3
     return {"train": train, "val": val, "lr_map": {}, "channels": channels, "clips": True, "radius": radius}
+
+
+def clip_length(uri: str, so: Mapping[str, Any]) -> int:
+    """Frames of a clip: the video's probed frame count, or the images directly in the folder."""
+    from srbatch.io.storage import list_images
+    from srbatch.train.clips import _is_video
+
+    if _is_video(uri):
+        from srbatch.video import probe
+
+        return int(probe(uri, so).frames)
+    return sum(1 for u in list_images(uri, so) if u.rsplit("/", 1)[0] == uri.rstrip("/"))
 
 
 def plan_data(cfg: TrainConfig) -> dict[str, Any]:
