@@ -148,3 +148,24 @@ def test_bad_windows_are_refused():
         up.upscale_frames(_frames(5))
     with pytest.raises(ConfigError, match="must match"):
         up.upscale_frames([win[0], win[1][:10], win[2]])
+
+
+def test_video_path_with_a_temporal_model_matches_windows_computed_here(tmp_path):
+    """srbatch.video's local driver (segments with overlap = radius, FFV1 bgr0: lossless) calling upscale_frames
+    gives, frame for frame, the upscale of the window t-1, t, t+1 built here with edge frames repeated."""
+    from fractions import Fraction
+
+    from srbatch.train.clips import read_clip
+    from srbatch.video import encode_segment, upscale_video_local
+
+    frames = _frames(7, 16, 20, seed=4)
+    src, dst = str(tmp_path / "in.mkv"), str(tmp_path / "out.mkv")
+    encode_segment(((t, f) for t, f in enumerate(frames)), src, fps=Fraction(25), time_base=Fraction(1, 25),
+                   codec="ffv1", pix_fmt="bgr0", options={"g": "3"})  # fmt: skip
+    up = Upscaler(_desc(_model()), device="cpu")
+    upscale_video_local(src, dst, up.upscale_frames, radius=1, segment_frames=3, codec="ffv1", pix_fmt="bgr0")
+    got = read_clip(dst)
+    n = len(frames)
+    want = [up.upscale_frames([frames[max(t - 1, 0)], frames[t], frames[min(t + 1, n - 1)]]) for t in range(n)]
+    assert got.shape == (7, 32, 40, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
