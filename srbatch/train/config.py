@@ -114,7 +114,8 @@ class TrainConfig(JobConfig):
     :class:`~srbatch.jobkit.config.JobConfig`."""
 
     data: Location = Field(
-        description="high-resolution training images: folder/prefix, file or glob, e.g. 's3://pets/hr/**/*.jpg'"
+        description="high-resolution training images: folder/prefix, file or glob, e.g. 's3://pets/hr/**/*.jpg'; "
+        "or video clips (.mp4/.mkv/.mov/.webm files, or one folder of frames per clip with --clips)"
     )
     output: Location = Field(
         description="export folder/prefix: model.safetensors, model_card.json/.md and history.parquet land here; "
