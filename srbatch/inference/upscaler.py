@@ -241,8 +241,11 @@ class Upscaler:
         return self._upscale_tensor(x, model_scale=model_scale)
 
     @torch.no_grad()
-    def _upscale_tensor(self, x: torch.Tensor, *, model_scale: bool = False, batch: int | None = None) -> torch.Tensor:
-        """:meth:`upscale_tensor`, with ``batch`` items per forward pass (None: ``tiling.batch_size``)."""
+    def _upscale_tensor(
+        self, x: torch.Tensor, *, model_scale: bool = False, batch: int | None = None, frames: int = 1
+    ) -> torch.Tensor:
+        """:meth:`upscale_tensor`, with ``batch`` items per forward pass (None: ``tiling.batch_size``); ``frames`` > 1:
+        ``x`` is a temporal model's window packed on the channel axis (``frames * in_channels`` channels)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim not in (3, 4):
             raise ConfigError(
                 f"upscale_tensor expects a float tensor (N, C, H, W) or (C, H, W) in [0, 1]; got "
@@ -251,7 +254,7 @@ class Upscaler:
         squeeze = x.ndim == 3
         if squeeze:
             x = x[None]
-        if x.shape[1] != self.info.in_channels:
+        if x.shape[1] != self.info.in_channels * frames:
             raise ConfigError(
                 f"upscale_tensor: model {self.descriptor.name or self.descriptor.architecture} takes "
                 f"{self.info.in_channels} channels ({self.info.color_space}); got {x.shape[1]}; "
@@ -305,6 +308,52 @@ class Upscaler:
             planes.append(self._resize_plane(alpha, (int(y.shape[-2]), int(y.shape[-1])))[None])
         out = torch.cat(planes, 0).permute(1, 2, 0).to("cpu", torch.float32).numpy()
         return out[..., 0] if flat else out
+
+    @torch.no_grad()
+    def upscale_frames(self, window: Sequence[np.ndarray]) -> np.ndarray:
+        """Upscale the centre frame of ``window``, a list of ``2r + 1`` video frames ``(H, W, C)`` (t-r .. t+r), using
+        its neighbours when the model is temporal (``info.temporal_radius = r > 0``).
+
+        Frames are uint8, uint16 or float in ``[0, 1]``, all of one shape and dtype, ``C`` 1 (grey) or 3 (RGB). Each
+        frame goes through the model's colour space as in :meth:`upscale_array`; the converted frames are packed on
+        the channel axis, so padding, tiling (tiles cut at the same place in every frame), self-ensemble and
+        ``outscale`` are those of :meth:`upscale_tensor`. An image model (r = 0) upscales the centre frame alone,
+        whatever the window's length. Returns ``(H', W', C)`` in the input's dtype (integers clamped and rounded
+        like :meth:`upscale_image`; floats clamped to ``[0, 1]``).
+        """
+        frames = list(window)
+        r = int(self.info.temporal_radius)
+        if not frames or len(frames) % 2 == 0:
+            raise ConfigError(f"upscale_frames expects an odd number of frames (t-r .. t+r); got {len(frames)}")
+        centre = frames[len(frames) // 2]
+        if r == 0:
+            frames = [centre]
+        elif len(frames) != 2 * r + 1:
+            raise ConfigError(
+                f"upscale_frames: model {self.descriptor.name or self.descriptor.architecture} takes {2 * r + 1} "
+                f"frames (temporal radius {r}); got {len(frames)}: pass frames t-{r} .. t+{r} (edge frames repeated)"
+            )
+        first = frames[0]
+        for i, f in enumerate(frames):
+            if not isinstance(f, np.ndarray) or f.ndim != 3 or f.shape[2] not in (1, 3):
+                raise ConfigError(f"upscale_frames: frame {i} must be an (H, W, 1|3) array; got "
+                                  f"{getattr(f, 'shape', type(f).__name__)}")  # fmt: skip
+            if f.shape != first.shape or f.dtype != first.dtype:
+                raise ConfigError(f"upscale_frames: frame {i} is {f.shape} {f.dtype}, frame 0 is {first.shape} "
+                                  f"{first.dtype}; all frames of a window must match")  # fmt: skip
+        cs = self.info.color_space
+        expected = model_channels(cs)
+        if self.info.in_channels != expected or self.info.out_channels != expected:
+            raise InferenceError(f"a {cs} model should take and return {expected} channels; this one has "
+                                 f"in={self.info.in_channels}, out={self.info.out_channels}")  # fmt: skip
+        xs = [torch.from_numpy(np.ascontiguousarray(_to_unit_float(f))).permute(2, 0, 1)[None].to(self._device)
+              for f in frames]  # fmt: skip
+        packed = torch.cat([to_model_space(x, cs) for x in xs], 1)
+        y = self._upscale_tensor(packed, frames=len(frames))
+        y = from_model_space(y, cs, source=xs[len(xs) // 2]).clamp_(0, 1)[0]
+        if first.dtype in (np.uint8, np.uint16):
+            return _quantize_into(y, np.empty((int(y.shape[-2]), int(y.shape[-1]), int(y.shape[0])), first.dtype))
+        return y.permute(1, 2, 0).to("cpu", torch.float32).numpy()
 
     def upscale_image(self, img: DecodedImage) -> DecodedImage:
         """Upscale a decoded image; pixels and alpha keep their dtype (8 or 16 bit) and channel count.

@@ -41,6 +41,10 @@ class ArchInfo:
     reproduce the untiled output up to float rounding); False when the model pools over the whole image (IMDN's
     channel attention); None when unknown (spandrel models)."""
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    temporal_radius: int = 0
+    """Frames on each side of the centre frame a video model takes (``T = 2 * r + 1``): such a module takes
+    ``(N, T, C, H, W)`` (also packed ``(N, T*C, H, W)``, and a single ``(N, C, H, W)`` frame) and returns the centre
+    frame upscaled. 0 for every image model."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from srbatch.models.archs import (
     bicubic,
     dbpn,
     edsr,
+    efvsr,
     espcn,
     fsrcnn,
     imdn,
@@ -48,6 +49,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     dbpn.ARCH,
     srfbn.ARCH,
     vae.ARCH,
+    efvsr.ARCH,
 )
 
 

@@ -114,7 +114,8 @@ class TrainConfig(JobConfig):
     :class:`~srbatch.jobkit.config.JobConfig`."""
 
     data: Location = Field(
-        description="high-resolution training images: folder/prefix, file or glob, e.g. 's3://pets/hr/**/*.jpg'"
+        description="high-resolution training images: folder/prefix, file or glob, e.g. 's3://pets/hr/**/*.jpg'; "
+        "or video clips (.mp4/.mkv/.mov/.webm files, or one folder of frames per clip with --clips)"
     )
     output: Location = Field(
         description="export folder/prefix: model.safetensors, model_card.json/.md and history.parquet land here; "
@@ -133,6 +134,14 @@ class TrainConfig(JobConfig):
     val_max_images: int = Field(16, ge=1, description="validate on at most this many held-out images")
     val_max_size: int = Field(
         512, ge=0, description="validate on centre crops of at most this many HR pixels per side (0: whole images)"
+    )
+    clips: bool | None = Field(
+        None, description="treat --data/--val-data as video clips (video files, or one folder of frames per clip); "
+        "unset: when --data holds videos or the model is temporal"
+    )
+    video_crf: tuple[int, int] | None = Field(
+        None, description="clips: re-encode each LR training window with libx264 at a CRF drawn in this range, "
+        "e.g. '[18, 32]' (YAML); unset: no video compression"
     )
     model: str = Field("srresnet", description="architecture or variant to train (see `srbatch models`)")
     model_args: dict[str, Any] = Field(
@@ -213,6 +222,13 @@ class TrainConfig(JobConfig):
             raise ValueError("must be 1 (grey) or 3 (RGB); leave it unset to follow the data")
         return v
 
+    @field_validator("video_crf")
+    @classmethod
+    def _crf(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] <= v[1] <= 51:
+            raise ValueError(f"give a range (lo, hi) with 0 <= lo <= hi <= 51 (x264 CRF), e.g. [18, 32]; got {v}")
+        return v
+
     @field_validator("lr_milestones")
     @classmethod
     def _milestones(cls, v: list[float]) -> list[float]:
@@ -252,6 +268,10 @@ class TrainConfig(JobConfig):
                 "damages the image (--degradation denoise, mild or realesrgan; or --preset restoration), or give "
                 "--lr-data with the degraded inputs"
             )
+        if self.clips and self.lr_data:
+            raise ValueError("--clips synthesises LR frames; drop --lr-data (paired LR clips are not supported)")
+        if self.video_crf is not None and self.clips is False:
+            raise ValueError("--video-crf compresses LR clips; drop it or drop --no-clips")
         if self.lr_data and self.degradation != "bicubic":
             raise ValueError("--lr-data gives the LR images; drop --degradation (it synthesises LR)")
         return self

@@ -83,6 +83,7 @@ def export_model(
         "hparams": desc.hparams,
         "scale": desc.scale,
         "channels": desc.info.in_channels,
+        "temporal_radius": desc.info.temporal_radius,
         "color_space": desc.info.color_space,
         "parameters": sum(p.numel() for p in weights.values() if p.is_floating_point()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -94,6 +95,7 @@ def export_model(
             "val_uri": cfg.val_data,
             "lr_uri": cfg.lr_data,
             "provenance": plan.get("provenance"),
+            "clips": bool(plan.get("clips")),
         },
         "init": cfg.init,
         "recipe": {
@@ -102,6 +104,7 @@ def export_model(
             "loss": cfg.loss if cfg.stage == "psnr" else None,
             "gan": cfg.recipe() if cfg.stage == "gan" else None,
             "degradation": cfg.degradation_config().model_dump(),
+            "video_crf": list(cfg.video_crf) if getattr(cfg, "video_crf", None) else None,
             "crop_size": cfg.crop_size,
             "batch_size_per_worker": cfg.batch_size,
             "workers": cfg.workers,

@@ -100,6 +100,18 @@ def model_input(lr: torch.Tensor, info: ArchInfo) -> torch.Tensor:
     return lr
 
 
+def frames_to_model_space(lr: torch.Tensor, color_space: str) -> torch.Tensor:
+    """:func:`to_model_space` of ``(N, C, H, W)`` images or of ``(N, T, C, H, W)`` frame windows (frame by frame)."""
+    if lr.ndim != 5:
+        return to_model_space(lr, color_space)
+    n, t = int(lr.shape[0]), int(lr.shape[1])
+    y = to_model_space(lr.flatten(0, 1), color_space)
+    if y.shape[0] != n * t:
+        raise ConfigError(f"a {color_space} model on {lr.shape[2]}-channel frames: train it with --channels "
+                          f"{y.shape[1]} (frames per channel are not supported)")  # fmt: skip
+    return y.reshape(n, t, *y.shape[1:])
+
+
 def lr_lambda(cfg: TrainConfig) -> Any:
     """Multiplier of the base learning rate at a step: warm-up, then cosine (to 1%), step (halving) or constant."""
 
@@ -192,10 +204,18 @@ class _WorkerData:
 
     def crop_sampler(self, w: _Worker, *, first_step: int) -> Any:
         """The crop stream, seeded by (seed, rank, first step): a resumed run draws new crops, reproducibly. The
-        decoded images move into the sampler."""
+        decoded images move into the sampler. Clip datasets give windows of ``2 * temporal_radius + 1`` frames."""
+        from srbatch.train.clips import ClipSampler
         from srbatch.train.data import CropSampler
 
         cfg = w.cfg
+        if w.plan.get("clips"):
+            sampler: Any = ClipSampler(self.images or [], radius=w.info.temporal_radius, scale=cfg.scale,
+                                       crop_size=cfg.crop_size, degradation=cfg.degradation_config(),
+                                       seed=(cfg.seed * 1009 + w.rank) * 1_000_003 + int(first_step),
+                                       video_crf=cfg.video_crf, names=self.names)  # fmt: skip
+            self.images = None
+            return sampler
         sampler = CropSampler(self.images or [], scale=cfg.scale, crop_size=cfg.crop_size,
                               degradation=cfg.degradation_config(),
                               seed=(cfg.seed * 1009 + w.rank) * 1_000_003 + int(first_step), lr_images=self.lr_images,
@@ -209,12 +229,25 @@ def _read_data(w: _Worker) -> _WorkerData:
     from srbatch.train.data import build_val_set, read_image, to_channels
 
     cfg, so = w.cfg, w.so
+    clips = bool(w.plan.get("clips"))
 
     def load(uri: str) -> np.ndarray:
+        if clips:
+            from srbatch.train.clips import read_clip
+
+            return np.stack([to_channels(f, w.channels) for f in read_clip(uri, so)])
         return to_channels(read_image(uri, so).pixels, w.channels)
 
     train_uris: list[str] = w.plan["train"]
     mine = train_uris[w.rank :: w.world] if len(train_uris) >= w.world else train_uris
+    if clips:
+        from srbatch.train.clips import build_val_clips
+
+        val_clips = [(u, load(u)) for u in w.plan["val"]] if w.rank == 0 else []
+        val_set: list[Any] = build_val_clips(val_clips, scale=cfg.scale, degradation=cfg.degradation_config(),
+                                             max_size=cfg.val_max_size, seed=cfg.seed,
+                                             video_crf=cfg.video_crf)  # fmt: skip
+        return _WorkerData(names=mine, images=[load(u) for u in mine], lr_images=None, val_set=val_set)
     lr_map: dict[str, str] = w.plan.get("lr_map") or {}
     images = [load(u) for u in mine]
     lr_images = [load(lr_map[u]) for u in mine] if lr_map else None
@@ -298,7 +331,7 @@ class _Training:
         """One optimiser step of the generator (and, for the GAN stage, of the discriminator); the loss parts."""
         info, device, step = self.w.info, self.w.device, self.step
         lr_b, hr_b = sampler.sample(self.cfg.batch_size)
-        x = model_input(to_model_space(lr_b, info.color_space), info).to(device, non_blocking=True)
+        x = model_input(frames_to_model_space(lr_b, info.color_space), info).to(device, non_blocking=True)
         y = to_model_space(hr_b, info.color_space).to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
             sr = self.model(x)

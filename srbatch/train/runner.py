@@ -46,7 +46,8 @@ class TrainResult:
         lines = [f"srbatch train: {self.card['name']} ({self.card['architecture']} x{self.card['scale']}), "
                  f"{t['steps']} steps, {t['samples']:,} samples, {(t['samples_per_s'] or 0):.1f} samples/s, "
                  f"{t['restarts']} restart(s)",
-                 f"  domain gain on {self.card['data']['val_images']} held-out image(s) (PSNR_Y dB / SSIM_Y):"]  # fmt: skip
+                 f"  domain gain on {self.card['data']['val_images']} held-out "
+                 f"{'clip(s)' if self.card['data'].get('clips') else 'image(s)'} (PSNR_Y dB / SSIM_Y):"]  # fmt: skip
         for label, m in rows:
             lines.append(f"    {label:<16} " + (f"{m['psnr_y']:7.2f} / {m['ssim_y']:.4f}" if m else "    n/a"))
         for label, g in (("vs initial", v.get("gain_vs_initial")), ("vs " + base.split()[-1], v.get("gain_vs_bicubic"))):
@@ -67,12 +68,84 @@ def _header_channels(uri: str, so: Mapping[str, Any]) -> int:
         return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F") else 3
 
 
+def model_radius(cfg: TrainConfig) -> int:
+    """The temporal radius of ``--model`` with ``--model-args`` (0 for image models, and with ``--init``)."""
+    from srbatch.models.registry import architectures, variants
+
+    if cfg.init:
+        return 0
+    var = variants()
+    name, vargs = var[cfg.model] if cfg.model in var else (cfg.model, {})
+    arch = architectures().get(name)
+    if arch is None:
+        return 0
+    try:
+        return int(arch.info({**vargs, **cfg.model_args, "scale": cfg.scale}).temporal_radius)
+    except Exception:  # noqa: BLE001 - bad arguments are reported when the worker builds the model
+        return 0
+
+
+def _has_videos(spec: str, so: Mapping[str, Any]) -> bool:
+    from srbatch.errors import SrbatchError
+    from srbatch.io.storage import list_images
+    from srbatch.train.clips import _VIDEO_EXT
+
+    try:
+        return bool(list_images(spec, so, extensions=frozenset(_VIDEO_EXT)))
+    except SrbatchError:
+        return False
+
+
+def _plan_clips(cfg: TrainConfig, so: Mapping[str, Any], radius: int) -> dict[str, Any]:
+    """Clip datasets: list the clips of --data (and --val-data), split them by clip, check each training clip has a
+    window's worth of frames (from the video header or the folder listing)."""
+    from srbatch.train.clips import list_clips
+    from srbatch.train.data import split_images
+
+    clips = list_clips(cfg.data, so)
+    if cfg.val_data:
+        val = list_clips(cfg.val_data, so)[: cfg.val_max_images]
+        train = [u for u in clips if u not in set(val)]
+    else:
+        train, val = split_images(clips, val_fraction=cfg.val_fraction, val_max=cfg.val_max_images, seed=cfg.seed)
+    if not train:
+        raise ConfigError(f"--data {cfg.data}: no training clips left after holding out {len(val)} for validation")
+    need = 2 * radius + 1
+    for uri in train:
+        n = clip_length(uri, so)
+        if n < need:
+            raise ConfigError(f"clip {uri} has {n} frame(s); --model {cfg.model} needs windows of {need} frames "
+                              f"(temporal radius {radius}): remove it from --data or use longer clips")  # fmt: skip
+    channels = cfg.channels if cfg.channels is not None else 3
+    return {"train": train, "val": val, "lr_map": {}, "channels": channels, "clips": True, "radius": radius}
+
+
+def clip_length(uri: str, so: Mapping[str, Any]) -> int:
+    """Frames of a clip: the video's probed frame count, or the images directly in the folder."""
+    from srbatch.io.storage import list_images
+    from srbatch.train.clips import _is_video
+
+    if _is_video(uri):
+        from srbatch.video import probe
+
+        return int(probe(uri, so).frames)
+    return sum(1 for u in list_images(uri, so) if u.rsplit("/", 1)[0] == uri.rstrip("/"))
+
+
 def plan_data(cfg: TrainConfig) -> dict[str, Any]:
-    """List and split the images, pair LR files, and decide the channel count (from up to 32 image headers)."""
+    """List and split the images (or clips), pair LR files, and decide the channel count (from up to 32 image
+    headers; clips: 3 unless --channels)."""
     from srbatch.io.storage import list_images
     from srbatch.train.data import pair_lr, split_images
 
     so = cfg.fs_options()
+    radius = model_radius(cfg)
+    clips = cfg.clips if cfg.clips is not None else (radius > 0 or _has_videos(cfg.data, so))
+    if clips:
+        return _plan_clips(cfg, so, radius)
+    if radius > 0:
+        raise ConfigError(f"--model {cfg.model} is a video model (temporal radius {radius}); train it on clips: drop "
+                          "--no-clips and point --data at videos or folders of frames")  # fmt: skip
     uris = list_images(cfg.data, so)
     if cfg.val_data:
         val = list_images(cfg.val_data, so)[: cfg.val_max_images]
@@ -142,7 +215,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"--resume: no checkpoints of a run named {cfg.name!r} at {run_path}; drop --resume to "
                           "start it, or check --name / --storage-path / --output")  # fmt: skip
     plan = plan_data(cfg)
-    print(f"srbatch train: {len(plan['train'])} training and {len(plan['val'])} validation image(s) from {cfg.data}; "
+    what = "clip(s)" if plan.get("clips") else "image(s)"
+    print(f"srbatch train: {len(plan['train'])} training and {len(plan['val'])} validation {what} from {cfg.data}; "
           f"{plan['channels']} channel(s); checkpoints at {run_path}", flush=True)  # fmt: skip
 
     with ray_session(cfg, dashboard=True) as ray:

@@ -34,6 +34,13 @@ def validate(
     ms = []
     with torch.no_grad():
         for v in val_set:
+            if v.hr.ndim == 4:  # a clip: every frame from its window (edge frames repeated), as the video path does
+                from srbatch.train.clips import windows
+
+                for t, win in enumerate(windows(list(v.lr), desc.info.temporal_radius)):
+                    sr = up.upscale_frames(win)
+                    ms.append(measure(sr.reshape(v.hr[t].shape), v.hr[t], crop_border=border))
+                continue
             sr = from_float(up.upscale_array(v.lr), v.hr.dtype)
             ms.append(measure(sr.reshape(v.hr.shape), v.hr, crop_border=border))
     module.train(was_training)
@@ -47,8 +54,9 @@ def validate_bicubic(val_set: list[Any], scale: int) -> dict[str, float]:
 
     ms = []
     for v in val_set:
-        sr = imresize_uint8(v.lr, scale) if scale > 1 else v.lr
-        ms.append(measure(sr.reshape(v.hr.shape), v.hr, crop_border=scale if scale > 1 else 0))
+        for lr, hr in zip(v.lr, v.hr) if v.hr.ndim == 4 else [(v.lr, v.hr)]:
+            sr = imresize_uint8(lr, scale) if scale > 1 else lr
+            ms.append(measure(sr.reshape(hr.shape), hr, crop_border=scale if scale > 1 else 0))
     return _means(ms)
 
 
