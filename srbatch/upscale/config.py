@@ -158,6 +158,10 @@ class UpscaleConfig(ActorPoolConfig):
         None, description="encoder speed preset: x264's name (ultrafast..veryslow) [medium], VP9's cpu-used (0-8) [4], "
         "SVT-AV1's preset (0-13) [8]"
     )
+    video_pix_fmt: str | None = Field(
+        None, description="pixel format of video outputs [yuv420p; ffv1: yuv444p]; ffv1 with bgr0 keeps the model's "
+        "RGB output bit for bit"
+    )
     video_container: Literal["auto", ".mp4", ".mkv", ".mov", ".webm"] = Field(
         "auto", description="container of video outputs; auto: the source's when it can hold the codec, else .mkv"
     )

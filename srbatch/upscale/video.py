@@ -52,7 +52,7 @@ def video_container(src_uri: str, cfg: UpscaleConfig) -> str:
 def video_fingerprint(cfg: UpscaleConfig, fp: str) -> str:
     """16 hex digits: the image fingerprint ``fp`` (model, tiling, scale, dtype) plus the video encoder settings."""
     payload = {"fp": fp, "codec": cfg.video_codec, "crf": cfg.video_crf, "preset": cfg.video_preset,
-               "container": cfg.video_container}
+               "container": cfg.video_container, "pix_fmt": cfg.video_pix_fmt}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -272,7 +272,7 @@ def process_segment_item(item: Mapping[str, Any], upscaler: Any, cfg: UpscaleCon
 
     t0 = time.perf_counter()
     frames = process_segment(p["src"], seg, info, timed, item["output_uri"], radius=radius, codec=cfg.video_codec,
-                             crf=cfg.video_crf, preset=cfg.video_preset, storage_options=storage_options,
+                             crf=cfg.video_crf, preset=cfg.video_preset, pix_fmt=cfg.video_pix_fmt, storage_options=storage_options,
                              timings=timings)
     total = time.perf_counter() - t0
     model = timings.get("model", 0.0)

@@ -435,6 +435,10 @@ class UpscaleWorker(ModelActor, ImageIO):
             return self.model_stage(batch)
         if "segment" in batch:
             return self._with_segments(batch)
+        return self._image_batch(batch)
+
+    def _image_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The fused pipeline's batch of images (columns ``input_uri``, ``output_uri``, ``run_id``)."""
         inputs = [str(u) for u in batch["input_uri"]]
         outputs = [str(u) for u in batch["output_uri"]]
         if not inputs:
@@ -492,7 +496,7 @@ class UpscaleWorker(ModelActor, ImageIO):
         cols = ("input_uri", "output_uri", "run_id")
         parts = []
         if (~is_seg).any():
-            parts.append(self({c: batch[c][~is_seg] for c in cols}))
+            parts.append(self._image_batch({c: batch[c][~is_seg] for c in cols}))
         if is_seg.any():
             parts.append(self._segments({c: batch[c][is_seg] for c in (*cols, "segment")}))
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
