@@ -272,8 +272,8 @@ def process_segment_item(item: Mapping[str, Any], upscaler: Any, cfg: UpscaleCon
 
     t0 = time.perf_counter()
     frames = process_segment(p["src"], seg, info, timed, item["output_uri"], radius=radius, codec=cfg.video_codec,
-                             crf=cfg.video_crf, preset=cfg.video_preset, pix_fmt=cfg.video_pix_fmt, storage_options=storage_options,
-                             timings=timings)
+                             crf=cfg.video_crf, preset=cfg.video_preset, pix_fmt=cfg.video_pix_fmt,
+                             storage_options=storage_options, timings=timings)
     total = time.perf_counter() - t0
     model = timings.get("model", 0.0)
     decode = timings.get("decode", 0.0)
