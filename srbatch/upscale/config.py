@@ -151,8 +151,9 @@ class UpscaleConfig(ActorPoolConfig):
         "(lossless, for archives; .mkv)"
     )
     video_crf: int | None = Field(
-        None, ge=0, le=63, description="constant-quality level of the video encoder (lower is better) [x264 18, VP9 32, "
-        "AV1 35; ffv1: none]"
+        None, ge=0, le=63,
+        description="constant-quality level of the video encoder (lower is better) [x264 18, VP9 32, AV1 35; ffv1: "
+        "none]"
     )
     video_preset: str | None = Field(
         None, description="encoder speed preset: x264's name (ultrafast..veryslow) [medium], VP9's cpu-used (0-8) [4], "

@@ -453,6 +453,9 @@ def _join_videos(
             f"{len(v.reused)} reused), {row.get('video_codec') or cfg.video_codec}, probe {v.probe_s:.2f} s, decode "
             f"{row.get('decode_s') or 0:.2f} s, model {row.get('infer_s') or 0:.2f} s, encode "
             f"{row.get('encode_s') or 0:.2f} s, join {row.get('join_s') or 0:.2f} s"
+            + (f" ({done_frames / work:.2f} frames/s decode+model+encode)" if (work := sum(
+                row.get(k) or 0.0 for k in ("decode_s", "infer_s", "encode_s"))) > 0 and (done_frames := sum(
+                    r.get("video_frames") or 0 for r in v.rows.values() if r.get("status") == "ok")) else "")
         )
     try:
         vjob.write_segment_table(cfg, videos)
