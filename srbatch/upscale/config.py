@@ -151,6 +151,42 @@ class UpscaleConfig(ActorPoolConfig):
         description="refuse images declaring more pixels than this before decoding them (a guard against "
         "decompression bombs); TIFFs above 64 Mpx are read tile by tile and not subject to it",
     )
+    # --- videos (.mp4 .mkv .mov .webm inputs): upscaled frame by frame in keyframe-aligned segments -------------
+    video_codec: Literal["libx264", "libvpx-vp9", "libsvtav1", "ffv1"] = Field(
+        "libx264", description="encoder of video outputs: libx264 (H.264), libvpx-vp9, libsvtav1 (AV1), or ffv1 "
+        "(lossless, for archives; .mkv)"
+    )
+    video_crf: int | None = Field(
+        None, ge=0, le=63,
+        description="constant-quality level of the video encoder (lower is better) [x264 18, VP9 32, AV1 35; ffv1: "
+        "none]"
+    )
+    video_preset: str | None = Field(
+        None, description="encoder speed preset: x264's name (ultrafast..veryslow) [medium], VP9's cpu-used (0-8) [4], "
+        "SVT-AV1's preset (0-13) [8]"
+    )
+    video_pix_fmt: str | None = Field(
+        None, description="pixel format of video outputs [yuv420p; ffv1: yuv444p]; ffv1 with bgr0 keeps the model's "
+        "RGB output bit for bit"
+    )
+    video_container: Literal["auto", ".mp4", ".mkv", ".mov", ".webm"] = Field(
+        "auto", description="container of video outputs; auto: the source's when it can hold the codec, else .mkv"
+    )
+    video_segment_frames: int = Field(
+        250, ge=1, description="frames per segment (cut at the nearest keyframe); segments go to different actors and "
+        "a rerun redoes only the segments not yet written"
+    )
+
+    @model_validator(mode="after")
+    def _video(self) -> UpscaleConfig:
+        if self.video_codec == "ffv1" and self.video_crf is not None:
+            raise ValueError("video_crf does not apply to ffv1 (lossless); drop it, or choose a lossy video_codec")
+        if self.video_codec == "ffv1" and self.video_preset is not None:
+            raise ValueError("video_preset does not apply to ffv1 (lossless); drop it")
+        if self.video_codec == "ffv1" and self.video_container not in ("auto", ".mkv"):
+            raise ValueError(f"video_container {self.video_container} cannot hold ffv1; use .mkv (or auto)")
+        return self
+    # --- end of videos --------------------------------------------------------------------------------------------
     run_id: str = Field(default_factory=default_run_id, description="run id recorded in the manifest [UTC time]")
     manifest_flush_seconds: float = Field(
         30.0, gt=0, description="write the manifest rows gathered so far at least this often"

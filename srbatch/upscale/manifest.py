@@ -72,6 +72,16 @@ SCHEMA = pa.schema(
         pa.field("tile_width", pa.int32()),
         pa.field("tile_exact", pa.bool_()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # videos (null for images; manifests written before these columns read them as null)
+        pa.field("media", pa.string()),
+        pa.field("video_frames", pa.int64()),
+        pa.field("video_segments", pa.int32()),
+        pa.field("video_segments_done", pa.int32()),
+        pa.field("video_fps", pa.float64()),
+        pa.field("video_codec", pa.string()),
+        pa.field("video_duration_s", pa.float64()),
+        pa.field("probe_s", pa.float64()),
+        pa.field("join_s", pa.float64()),
     ]
 )
 """Column types of the manifest. See README, "The manifest", for the meaning of each column."""

@@ -151,6 +151,7 @@ def make_plan(
     state: pa.Table | None,
     *,
     outputs: list[str] | pa.Array | None = None,
+    video_fp: str | None = None,
 ) -> Plan:
     """List the inputs and decide, per input, process / skip / reject, in Arrow (no Python object per input).
 
@@ -158,9 +159,15 @@ def make_plan(
     :mod:`srbatch.upscale.state`) is ``ok`` with the same fingerprint and output key, and its output is still there
     (``outputs``: the output listing, listed here when not given; not checked with ``check_outputs="trust"``).
     Unsafe or clashing keys are rejected.
+
+    Videos (:data:`~srbatch.upscale.video.VIDEO_EXTENSIONS`) are listed too: their output key keeps the name with the
+    video container's extension, and their fingerprint is ``video_fp`` (the image one plus the encoder settings).
     """
+    from srbatch.io.storage import IMAGE_EXTENSIONS
+    from srbatch.upscale.video import VIDEO_EXTENSIONS, video_container
+
     so = cfg.fs_options()
-    uris = list_images(cfg.input, so)
+    uris = list_images(cfg.input, so, extensions=IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
     root = input_root(cfg.input)
     if len(uris) == 1 and uris[0].rstrip("/") == cfg.input.rstrip("/"):
         root = posixpath.dirname(cfg.input.rstrip("/"))
@@ -180,6 +187,14 @@ def make_plan(
     else:
         rel = pc.replace_substring_regex(inputs, r"^.*/", "", max_replacements=1)
     keys, refused = output_keys(rel, cfg.format)
+    is_vid = pc.match_substring_regex(inputs, r"\.(mp4|mkv|mov|webm)$", ignore_case=True)
+    vid_rows = pc.indices_nonzero(is_vid).to_pylist()
+    if vid_rows:  # few: a Python loop
+        fixed = keys.to_pylist()
+        for i in vid_rows:
+            if fixed[i] is not None:
+                fixed[i] = posixpath.splitext(fixed[i])[0] + video_container(inputs[i].as_py(), cfg)
+        keys = pa.array(fixed, pa.string())
     # two inputs with one output key (a.png and a.jpg): the first (in sorted order) keeps it
     counts = pc.value_counts(keys.drop_null())
     dup_keys = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
@@ -216,7 +231,9 @@ def make_plan(
     out_uris = pc.binary_join_element_wise(out_base, keys, "/")
     del keys
     done = pc.and_kleene(
-        pc.and_kleene(pc.equal(state["status"].take(at), "ok"), pc.equal(state["fingerprint"].take(at), fp)),
+        pc.and_kleene(pc.equal(state["status"].take(at), "ok"),
+                      pc.equal(state["fingerprint"].take(at),
+                               pc.if_else(is_vid, video_fp or fp, fp) if vid_rows else fp)),
         pc.and_kleene(pc.equal(state["output_uri"].take(at), out_uris), exists),
     ).fill_null(False)
     del at, exists

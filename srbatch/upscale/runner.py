@@ -20,6 +20,7 @@ from srbatch.upscale.config import UpscaleConfig
 from srbatch.upscale.manifest import ManifestWriter, empty_row, run_uri
 from srbatch.upscale.plan import TMP_PREFIX, Plan, existing_outputs, fingerprint, make_plan
 from srbatch.upscale.state import LoadedState, RunState
+from srbatch.upscale.video import video_fingerprint
 
 log = logging.getLogger("srbatch.upscale")
 
@@ -50,6 +51,8 @@ class JobResult:
     devices: dict[str, str] = field(default_factory=dict)
     exit_code: int = ExitCode.OK
     interrupted: bool = False
+    videos: list[str] = field(default_factory=list)
+    """One summary line per video processed."""
 
     @property
     def processed(self) -> int:
@@ -79,6 +82,7 @@ class JobResult:
         ]
         for actor, dev in sorted(self.devices.items()):
             lines.append(f"  actor {actor[:12]}: {dev}")
+        lines.extend(f"  video {v}" for v in self.videos[:20])
         for uri, msg in self.failures[:10]:
             lines.append(f"  failed: {uri}: {msg}")
         if self.failed > 10:
@@ -127,11 +131,13 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
     started_at = datetime.now(timezone.utc)
     so = cfg.fs_options()
     ident, desc = _model_identity(cfg)
+    radius = int(getattr(desc.info, "temporal_radius", 0) or 0)  # frames a temporal model reads on each side
     fp = fingerprint(cfg, ident)
+    vfp = video_fingerprint(cfg, fp)
     store = RunState(cfg.output, so)
     loaded = store.load(reopen=cfg.run_id)
     outputs = _sweep_temp_files(existing_outputs(cfg.output, so), cfg) if cfg.check_outputs == "list" else None
-    plan = make_plan(cfg, fp, loaded.table, outputs=outputs)
+    plan = make_plan(cfg, fp, loaded.table, outputs=outputs, video_fp=vfp)
     del outputs
     loaded.table = loaded.table.slice(0, 0)  # planning is done with it
     res = JobResult(cfg.run_id, cfg.output, run_uri(cfg.output, cfg.run_id), total=plan.total)
@@ -155,7 +161,7 @@ def run_job(cfg: UpscaleConfig, *, stream: TextIO | None = None) -> JobResult:
             _record(res, writer, empty_row(input_uri=task.input_uri, status="failed", error_type="ConfigError",
                                            error_message=task.error, **common))  # fmt: skip
         if plan.todo.num_rows:
-            _run_pipeline(cfg, plan, fp, res, writer, common, stream)
+            _run_pipeline(cfg, plan, fp, res, writer, common, stream, radius=radius, vfp=vfp)
     except KeyboardInterrupt:
         res.interrupted = True
     finally:
@@ -278,10 +284,16 @@ def _run_pipeline(
     writer: ManifestWriter,
     common: dict[str, Any],
     stream: TextIO,
+    *,
+    radius: int = 0,
+    vfp: str | None = None,
 ) -> None:
+    import pyarrow.compute as pc
+
     from srbatch.jobkit.cluster import ray_session
     from srbatch.jobkit.pool import CpuStage, run_actor_pool
     from srbatch.jobkit.resources import plan_actors
+    from srbatch.upscale import video as vjob
     from srbatch.upscale.worker import UpscaleWorker
 
     t0 = time.perf_counter()
@@ -306,27 +318,146 @@ def _run_pipeline(
             print(f"srbatch upscale: {rs.describe()}; pipeline "
                   f"{'staged (read+decode and encode+write as CPU tasks on every core)' if staged else 'fused'}",
                   file=stream, flush=True)  # fmt: skip
-            run_actor_pool(
-                plan.todo.append_column("run_id", pa.repeat(pa.scalar(cfg.run_id), plan.todo.num_rows)),
-                key="input_uri",
-                actor=UpscaleWorker,
-                actor_kwargs={"config": cfg.model_dump(), "fingerprint": fp},
-                resources=rs,
-                batch_size=cfg.batch_size,
-                on_row=lambda row: _record(res, writer, row),
-                on_batch=lambda batch: _record_batch(res, writer, batch),
-                lost_row=lambda item, error_type, message: empty_row(
-                    input_uri=item["input_uri"], status="failed", error_type=error_type, error_message=message, **common
-                ),
-                progress=cfg.progress,
-                desc="upscale",
-                log=log,
-                before=before,
-                after=after,
-            )
+            todo = plan.todo.append_column("run_id", pa.repeat(pa.scalar(cfg.run_id), plan.todo.num_rows))
+            is_vid = pc.match_substring_regex(todo["input_uri"], r"\.(mp4|mkv|mov|webm)$", ignore_case=True)
+            videos: list[vjob.VideoJob] = []
+            if pc.any(is_vid).as_py():
+                images = todo.filter(pc.invert(is_vid))
+                common_v = {**common, "fingerprint": vfp or fp}
+                videos = _probe_videos(ray, cfg, todo.filter(is_vid).to_pylist(), vfp or fp, radius, res, writer,
+                                       common_v, stream)
+            else:
+                images = todo
+            segments = {v.key(s): (v, s.id) for v in videos for s in v.segments if s.id not in v.reused}
+            seg_items = [it for v in videos for it in v.items(cfg.run_id, radius)]
+
+            def on_row(row: dict[str, Any]) -> None:
+                hit = segments.get(str(row["input_uri"]))
+                if hit is None:
+                    _record(res, writer, row)
+                else:
+                    hit[0].rows[hit[1]] = row
+
+            def on_batch(batch: pa.Table) -> None:
+                if not segments:
+                    _record_batch(res, writer, batch)
+                    return
+                mask = pc.is_in(batch["input_uri"], value_set=pa.array(list(segments), pa.string()))
+                if pc.any(mask).as_py():
+                    for row in batch.filter(mask).to_pylist():
+                        on_row(row)
+                    batch = batch.filter(pc.invert(mask))
+                if batch.num_rows:
+                    _record_batch(res, writer, batch)
+
+            def pool(items: pa.Table, before: list[CpuStage], after: list[CpuStage]) -> None:
+                run_actor_pool(
+                    items,
+                    key="input_uri",
+                    actor=UpscaleWorker,
+                    actor_kwargs={"config": cfg.model_dump(), "fingerprint": fp},
+                    resources=rs,
+                    batch_size=cfg.batch_size,
+                    on_row=on_row,
+                    on_batch=on_batch,
+                    lost_row=lambda item, error_type, message: empty_row(
+                        input_uri=item["input_uri"], status="failed", error_type=error_type, error_message=message,
+                        **common
+                    ),
+                    progress=cfg.progress,
+                    desc="upscale",
+                    log=log,
+                    before=before,
+                    after=after,
+                )
+
+            if not seg_items:
+                if images.num_rows:
+                    pool(images, before, after)
+            elif staged:  # the CPU stages take images only: segments go through the model actors on their own
+                if images.num_rows:
+                    pool(images, before, after)
+                pool(pa.Table.from_pylist(seg_items), [], [])
+            else:  # one pool: images and segments share the actors (the model loaded once per actor)
+                imgs = images.append_column("segment", pa.repeat(pa.scalar(""), images.num_rows))
+                segs = pa.Table.from_pylist(seg_items, schema=imgs.schema)
+                pool(pa.concat_tables([imgs, segs]), [], [])
+            if videos:
+                _join_videos(ray, cfg, videos, res, writer, {**common, "fingerprint": vfp or fp})
         finally:
             res.pipeline_seconds = time.perf_counter() - t0
             if previous is not None:
                 import signal
 
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _probe_videos(
+    ray: Any, cfg: UpscaleConfig, items: list[dict[str, Any]], vfp: str, radius: int, res: JobResult,
+    writer: ManifestWriter, common: dict[str, Any], stream: TextIO,
+) -> list[Any]:
+    """Probe every video in a Ray task (packets only, next to the data, never downloaded to the driver), plan its
+    segments and find the segment files a previous run already wrote. A video that cannot be probed gets its failed
+    row here. Returns the videos that have segments to do or to join."""
+    from srbatch.upscale import video as vjob
+
+    so = cfg.fs_options()
+    probe = ray.remote(num_cpus=1, max_retries=2)(vjob.probe_video)
+    refs = [probe.remote(it["input_uri"], so) for it in items]
+    videos = []
+    for it, got in zip(items, ray.get(refs)):
+        ext = posixpath.splitext(it["output_uri"])[1].lower()
+        v = vjob.VideoJob(it["input_uri"], it["output_uri"], vjob.segment_folder(cfg, it["output_uri"], vfp), ext,
+                          probe_s=got["probe_s"])
+        if "error" in got:
+            v.error = tuple(got["error"])
+            _record(res, writer, v.row(common, None))
+            res.videos.append(f"{v.input_uri}: failed at probe: {v.error[1]}")
+            continue
+        v.info, v.input_bytes = got["info"], got["bytes"]
+        v.plan(cfg, radius, vjob.existing_segments(v.folder, so))
+        print(f"srbatch upscale: video {v.input_uri}: {v.info.frames} frames at {float(v.info.fps):.3f} fps, "
+              f"{v.info.width}x{v.info.height} {v.info.codec}: {len(v.segments)} segments "
+              f"({len(v.reused)} already written)", file=stream, flush=True)
+        videos.append(v)
+    return videos
+
+
+def _join_videos(
+    ray: Any, cfg: UpscaleConfig, videos: list[Any], res: JobResult, writer: ManifestWriter, common: dict[str, Any]
+) -> None:
+    """Join each video whose segments are all written (Ray tasks, packet copy with the source's audio/subtitles);
+    record one row per video, and the per-segment detail under ``_srbatch/video_segments/``."""
+    from srbatch.upscale import video as vjob
+
+    so = cfg.fs_options()
+    join = ray.remote(num_cpus=1, max_retries=2)(vjob.join_video)
+    pending = []
+    for v in videos:
+        bad = v.failed_segment()
+        if bad is not None:
+            v.error = (bad.get("error_type") or "VideoError", bad.get("error_message") or "a segment failed")
+            pending.append((v, None))
+            continue
+        uris = [v.segment_uri(s) for s in v.segments]
+        pending.append((v, join.remote(uris, v.input_uri, v.output_uri, v.info, v.folder, so)))
+    for v, ref in pending:
+        got = ray.get(ref) if ref is not None else None
+        row = v.row(common, got)
+        row["video_codec"] = row["video_codec"] or cfg.video_codec
+        _record(res, writer, row)
+        done = len(v.rows)
+        state = "ok" if row["status"] == "ok" else f"failed: {row['error_type']}: {row['error_message']}"
+        res.videos.append(
+            f"{v.input_uri}: {state}; {v.info.frames} frames, {len(v.segments)} segments ({done} upscaled now, "
+            f"{len(v.reused)} reused), {row.get('video_codec') or cfg.video_codec}, probe {v.probe_s:.2f} s, decode "
+            f"{row.get('decode_s') or 0:.2f} s, model {row.get('infer_s') or 0:.2f} s, encode "
+            f"{row.get('encode_s') or 0:.2f} s, join {row.get('join_s') or 0:.2f} s"
+            + (f" ({done_frames / work:.2f} frames/s decode+model+encode)" if (work := sum(
+                row.get(k) or 0.0 for k in ("decode_s", "infer_s", "encode_s"))) > 0 and (done_frames := sum(
+                    r.get("video_frames") or 0 for r in v.rows.values() if r.get("status") == "ok")) else "")
+        )
+    try:
+        vjob.write_segment_table(cfg, videos)
+    except Exception as e:  # noqa: BLE001 - detail only; the manifest rows are written
+        log.warning("could not write the per-segment detail: %s: %s", type(e).__name__, e)

@@ -452,6 +452,12 @@ class UpscaleWorker(ModelActor, ImageIO):
         ``payload``; see :mod:`srbatch.upscale.stages`) and so does the result, for the encode stage."""
         if "payload" in batch:
             return self.model_stage(batch)
+        if "segment" in batch:
+            return self._with_segments(batch)
+        return self._image_batch(batch)
+
+    def _image_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The fused pipeline's batch of images (columns ``input_uri``, ``output_uri``, ``run_id``)."""
         inputs = [str(u) for u in batch["input_uri"]]
         outputs = [str(u) for u in batch["output_uri"]]
         if not inputs:
@@ -498,6 +504,39 @@ class UpscaleWorker(ModelActor, ImageIO):
             self._settle(row, fut)
             row["total_s"] = sum(row.get(k) or 0.0 for k in _STAGES)
         return self._table(rows, run_id, datetime.now(timezone.utc))
+
+    # -------------------------------------------------------------- video segments
+
+    def _with_segments(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """A batch that may hold video segments (column ``segment``: a segment item's JSON, ``""`` for images): the
+        images go the image path, each segment is decoded, upscaled frame by frame and encoded into its segment file
+        (:func:`srbatch.upscale.video.process_segment_item`); one row per item either way."""
+        is_seg = np.array([isinstance(x, str) and x != "" for x in batch["segment"]], dtype=bool)
+        cols = ("input_uri", "output_uri", "run_id")
+        parts = []
+        if (~is_seg).any():
+            parts.append(self._image_batch({c: batch[c][~is_seg] for c in cols}))
+        if is_seg.any():
+            parts.append(self._segments({c: batch[c][is_seg] for c in (*cols, "segment")}))
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+    def _segments(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from srbatch.upscale.video import process_segment_item
+
+        temporal = getattr(self.up, "upscale_frames", None)  # temporal models (radius > 0): a window -> a frame
+        rows = []
+        for key, out_uri, item in zip(batch["input_uri"], batch["output_uri"], batch["segment"]):
+            row: dict[str, Any] = {"input_uri": str(key), "output_uri": str(out_uri), "status": "failed",
+                                   "media": "video-segment"}
+            try:
+                row.update(process_segment_item({"segment": str(item), "output_uri": str(out_uri)}, self.up,
+                                                self.cfg, self.so, temporal))
+                row["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - one broken segment is one failed row (its video's error)
+                row.update(error_fields(e))
+            row["total_s"] = sum(row.get(k) or 0.0 for k in _STAGES)
+            rows.append(row)
+        return self._table(rows, str(batch["run_id"][0]), datetime.now(timezone.utc))
 
     def model_stage(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """The model's part of the staged pipeline: upscale the decoded images of ``batch`` together (same-size images

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,15 +58,18 @@ def process_segment(
     src: str, segment: Segment, info: VideoInfo, frame_fn: FrameFn, out_uri: str, *, radius: int = 0,
     codec: str = "libx264", crf: int | None = None, preset: str | None = None, pix_fmt: str | None = None,
     options: Mapping[str, str] | None = None, storage_options: Mapping[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> int:
     """Decode ``segment`` of ``src``, apply ``frame_fn`` to each of its frames (with ``radius`` neighbours on each
     side), encode the results into ``out_uri`` with the source's pts, colour tags and rotation; returns the frames
-    written (``segment.frames``)."""
+    written (``segment.frames``). ``timings``, when given, gets the seconds spent reading+decoding (``decode``) and
+    encoding+writing (``encode``) added to it."""
     if radius > segment.overlap:
         raise ConfigError(f"overlap: a temporal radius of {radius} needs segments planned with overlap >= {radius}, "
                           f"got {segment.overlap}")
     writer: SegmentWriter | None = None
-    frames = read_frames(src, segment, storage_options=storage_options)
+    clock = timings if timings is not None else {}
+    frames = _timed(read_frames(src, segment, storage_options=storage_options), clock)
     try:
         for t, win in _windows(frames, segment, radius):
             out = frame_fn(win if radius else win[0])
@@ -76,15 +80,37 @@ def process_segment(
                     codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, colour=info.colour, rotation=info.rotation,
                     options=options, storage_options=storage_options,
                 ).__enter__()
+            t0 = time.perf_counter()
             writer.write(out, info.frame_pts[t])
+            clock["encode"] = clock.get("encode", 0.0) + time.perf_counter() - t0
     except BaseException as e:
         if writer is not None:
             writer.__exit__(type(e), e, None)
         raise
     if writer is None:
         raise VideoError(f"{src}: segment {segment.id} produced no frames")
+    t0 = time.perf_counter()
     writer.__exit__(None, None, None)
+    clock["encode"] = clock.get("encode", 0.0) + time.perf_counter() - t0
     return writer.frames
+
+
+def _timed(it: Iterator[Any], clock: dict[str, float]) -> Iterator[Any]:
+    """``it``, with the seconds spent inside it added to ``clock["decode"]`` (closed with it)."""
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x = next(it)
+            except StopIteration:
+                return
+            finally:
+                clock["decode"] = clock.get("decode", 0.0) + time.perf_counter() - t0
+            yield x
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass
