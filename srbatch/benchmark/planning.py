@@ -172,7 +172,9 @@ def make_history(workdir: str, inputs: int, runs: int, failed_fraction: float = 
         if r:
             later = pa.array([t0 + timedelta(days=r, microseconds=i) for i in range(n)], pa.timestamp("us", tz="UTC"))
             cols["finished_at"] = later
-        table = pa.table([cols[f.name] for f in SCHEMA], schema=SCHEMA)
+        # Columns the synthetic history does not model (NIQE, the video columns) are null, as in image runs
+        # without --quality-metric.
+        table = pa.table([cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in SCHEMA], schema=SCHEMA)
         folder = run_uri(out_dir, run_id)
         os.makedirs(folder, exist_ok=True)
         token = uuid.UUID(int=r + 1).hex[:8]
