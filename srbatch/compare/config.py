@@ -109,7 +109,7 @@ class CompareConfig(ActorPoolConfig):
     video_frames: int = Field(
         3, ge=1, le=64,
         description="frames compared per video listed in --images (.mp4 .mkv .mov .webm), evenly spaced inside the "
-        "video (frame round((i+1)(n-1)/(k+1)), never the first or last), each a comparison input named "
+        "video (frame floor((i+1)(n-1)/(k+1) + 1/2), never the first or last), each a comparison input named "
         "<stem>#f<index>; every model gets the window of frames its temporal radius needs (clamped at the ends)",
     )
     video_flicker_frames: int = Field(

@@ -1,7 +1,7 @@
 """Videos in the comparison job: which frames are compared, how each model's window is read, and the flicker run.
 
 A video listed with ``--images`` becomes ``--video-frames`` comparison inputs named ``<stem>#f<index>``. Frame rule
-(:func:`sample_frames`): of ``n`` frames, the ``k`` frames ``round((i + 1) * (n - 1) / (k + 1))``, ``i = 0 .. k-1``
+(:func:`sample_frames`): of ``n`` frames, the ``k`` frames ``floor((i + 1) * (n - 1) / (k + 1) + 1/2)``, ``i < k``
 (evenly spaced, never the first or last frame when ``n >= k + 2``, so a temporal window has real neighbours);
 duplicates dropped. Every model gets frame ``t`` through :meth:`srbatch.inference.Upscaler.upscale_frames` with the
 window ``t - r .. t + r`` its ``temporal_radius`` needs, indices clamped to the video (image models: ``t`` alone).
@@ -33,13 +33,13 @@ def is_video(uri: str) -> bool:
 
 
 def sample_frames(n: int, k: int) -> list[int]:
-    """The frame indices compared of a video of ``n`` frames: ``round((i + 1) * (n - 1) / (k + 1))`` for
+    """The frame indices compared of a video of ``n`` frames: ``floor((i + 1) * (n - 1) / (k + 1) + 1/2)`` for
     ``i < k``, in order, without duplicates (see the module docs)."""
     if n <= 0 or k <= 0:
         return []
     out: list[int] = []
     for i in range(k):
-        t = int(round((i + 1) * (n - 1) / (k + 1)))
+        t = (2 * (i + 1) * (n - 1) + k + 1) // (2 * (k + 1))
         if t not in out:
             out.append(t)
     return out
