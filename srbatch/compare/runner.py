@@ -99,8 +99,8 @@ class CompareResult:
         vids = sorted({r["video_uri"] for r in self.rows if r.get("video_uri")})
         if vids:
             runs = sorted({r["flicker_frames"] for r in self.rows if r.get("flicker_frames")})
-            lines.append(f"  videos: {len(vids)}, {len({r['image'] for r in self.rows if r.get('video_uri')})} frame(s) "
-                         "compared (each model's temporal window, clamped at the ends); vPSNR_Y/vSSIM_Y: means over "
+            lines.append(f"  videos: {len(vids)}, {len({r['image'] for r in self.rows if r.get('frame_index') is not None})} "
+                         "frame(s) compared (each model's temporal window, clamped at the ends); vPSNR_Y/vSSIM_Y: means over "
                          "video frames" + (f"; TDE: flicker (temporal-difference error of Y, lower is better) over "
                                            f"{'/'.join(map(str, runs))} consecutive middle frames per video"
                                            if runs else ""))  # fmt: skip
