@@ -10,6 +10,7 @@ recomputed here in numpy float64 (BT.601 Y of MATLAB ``rgb2ycbcr``, border = sca
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,6 +61,11 @@ def test_compare_videos_and_image_on_s3(ray_cluster, s3_bucket, tmp_path, capsys
     ffv1 = make_video(tmp_path / "whole.mkv", n=30, w=64, h=48, codec="ffv1", audio=None, pix_fmt="yuv444p")
     data = open(ffv1, "rb").read()
     fs.pipe_file(f"{s3_bucket}/in/cut.mkv", data[: int(len(data) * 0.6)])  # truncated
+    long = open(make_video(tmp_path / "long.mkv", n=60, w=64, h=48, codec="ffv1", audio=None, pix_fmt="yuv444p"),
+                "rb").read()
+    zeroed = bytearray(long)
+    zeroed[len(long) // 2 : len(long) // 2 + 200] = bytes(200)  # probes fine, frame 30 cannot decode
+    fs.pipe_file(f"{s3_bucket}/in/zeroed.mkv", bytes(zeroed))
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
     fs.put_file(str(tmp_path / "photo.png"), f"{s3_bucket}/in/photo.png")
@@ -75,7 +81,7 @@ def test_compare_videos_and_image_on_s3(ray_cluster, s3_bucket, tmp_path, capsys
     code = main(["compare", "--images", f"s3://{s3_bucket}/in/", "--models", ",".join(["bicubic", *specs]),
                  "--scale", str(SCALE), "--mode", "reference", "--output", out, "--no-progress"])  # fmt: skip
     printed = capsys.readouterr().out
-    assert code == 1  # the truncated video
+    assert code == 1  # the truncated and the damaged video
     with fs.open(f"{s3_bucket}/out/comparison.parquet", "rb") as f:
         rows = pq.read_table(f).to_pylist()
     labels = ["bicubic", "efvsr-r1", "efvsr-frame"]
@@ -89,6 +95,12 @@ def test_compare_videos_and_image_on_s3(ray_cluster, s3_bucket, tmp_path, capsys
     cut = [r for r in rows if r["video_uri"] == f"s3://{s3_bucket}/in/cut.mkv"]
     assert len(cut) == 3 and all(r["status"] == "failed" and r["error_type"] == "VideoError" for r in cut)
     assert all(" frame " in r["error_message"] for r in cut), cut[0]["error_message"]
+    # the damaged video: its frames are rows; those whose window (or flicker run) meets the broken frame fail, naming it
+    zero = [r for r in rows if r["video_uri"] == f"s3://{s3_bucket}/in/zeroed.mkv"]
+    assert sorted(r["frame_index"] for r in zero) == sorted([15, 30, 44] * 3)
+    bad = [r for r in zero if r["status"] != "ok"]
+    assert {r["frame_index"] for r in bad} >= {30}
+    assert all(r["error_type"] == "VideoError" and re.search(r"frame \d+", r["error_message"]) for r in bad)
 
     # the good video: one row per frame x model, frames as the rule says, PSNR_Y = the engine's direct output
     vid = [r for r in rows if r["video_uri"] == f"s3://{s3_bucket}/in/clip.mp4"]
