@@ -99,11 +99,15 @@ class CompareResult:
         vids = sorted({r["video_uri"] for r in self.rows if r.get("video_uri")})
         if vids:
             runs = sorted({r["flicker_frames"] for r in self.rows if r.get("flicker_frames")})
-            lines.append(f"  videos: {len(vids)}, {len({r['image'] for r in self.rows if r.get('frame_index') is not None})} "
-                         "frame(s) compared (each model's temporal window, clamped at the ends); vPSNR_Y/vSSIM_Y: means over "
-                         "video frames" + (f"; TDE: flicker (temporal-difference error of Y, lower is better) over "
-                                           f"{'/'.join(map(str, runs))} consecutive middle frames per video"
-                                           if runs else ""))  # fmt: skip
+            frames = len({r["image"] for r in self.rows if r.get("frame_index") is not None})
+            text = (f"  videos: {len(vids)}, {frames} frame(s) compared (each model's temporal window, clamped at "
+                    "the ends)")
+            if self.mode == "reference":
+                text += "; vPSNR_Y/vSSIM_Y: means over video frames"
+            if runs:
+                text += (f"; TDE: flicker (temporal-difference error of Y, lower is better) over "
+                         f"{'/'.join(map(str, runs))} consecutive middle frames per video")  # fmt: skip
+            lines.append(text)
         grey = sorted({r["image"] for r in self.rows if r.get("grey")})
         if grey:
             how = "converted to RGB (--grey-as-rgb)" if any(r.get("grey_as_rgb") for r in self.rows) else \
