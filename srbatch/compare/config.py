@@ -52,7 +52,8 @@ class CompareConfig(ActorPoolConfig):
 
     images: Location = Field(
         description="the images: a folder/prefix, a file or a glob such as 's3://bucket/samples/*.png' (quote it); "
-        "in a folder holding *_HR and *_LR files only the HR ones are taken"
+        "in a folder holding *_HR and *_LR files only the HR ones are taken; videos (.mp4 .mkv .mov .webm) listed "
+        "here give --video-frames frames each"
     )
     models: list[str] = Field(
         description="models to compare, comma-separated: names (bicubic, default, srresnet ...; see `srbatch "
@@ -104,6 +105,17 @@ class CompareConfig(ActorPoolConfig):
         description="real mode: NIQE (no-reference naturalness, lower is better; srbatch's fitted pristine model) of "
         "each model's output and of the input as a baseline, in comparison.parquet and the report; null where an image "
         "is under 192x192 or flat. About 0.35 s per output megapixel on one CPU core; --no-niqe turns it off",
+    )
+    video_frames: int = Field(
+        3, ge=1, le=64,
+        description="frames compared per video listed in --images (.mp4 .mkv .mov .webm), evenly spaced inside the "
+        "video (frame floor((i+1)(n-1)/(k+1) + 1/2), never the first or last), each a comparison input named "
+        "<stem>#f<index>; every model gets the window of frames its temporal radius needs (clamped at the ends)",
+    )
+    video_flicker_frames: int = Field(
+        8, ge=0, le=256,
+        description="reference mode, videos only: the flicker figure (temporal-difference error of Y, lower is "
+        "better) over this many consecutive frames in the middle of each video, per model; 0 or 1: off",
     )
     crops: str = Field(
         "auto",

@@ -271,6 +271,9 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     MetricColumn("ssim_rgb", "SSIM_RGB", "%.4f"),
     MetricColumn("lpips", "LPIPS", "%.4f", higher_is_better=False, always_in=None, plot=True, per_image=True),
     MetricColumn("niqe", "NIQE", "%.3f", higher_is_better=False, always_in=None, plot=True, per_image=True),
+    MetricColumn("video_psnr_y", "video PSNR_Y", "%.3f", unit="dB", always_in=None),
+    MetricColumn("video_ssim_y", "video SSIM_Y", "%.4f", always_in=None),
+    MetricColumn("flicker_tde", "flicker TDE", "%.3f", higher_is_better=False, always_in=None, per_image=True),
 )
 """The metrics the summary table, the plot and the per-image lines know, in table order. A new metric is one more
 entry here (and a column in :data:`~srbatch.compare.worker.ROW_SCHEMA`)."""
@@ -286,7 +289,8 @@ def metric_columns(summary: Sequence[Mapping[str, Any]], mode: str) -> list[Metr
 
 def model_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
     """Per model: mean metrics over its ok images (None where no image has the metric), mean runtime, parameters,
-    counts (in ``models`` order)."""
+    counts (in ``models`` order). ``video_psnr_y`` / ``video_ssim_y``: the means over its ok video-frame rows only;
+    ``flicker_tde``: the mean over the videos' flicker figures; ``video_frames``: its ok video-frame rows."""
     out = []
     for label in models:
         mine = [r for r in rows if r["model"] == label]
@@ -295,8 +299,11 @@ def model_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> l
                              "architecture": next((r["architecture"] for r in mine if r["architecture"]), None),
                              "params": next((r["params"] for r in mine if r["params"] is not None), None)}  # fmt: skip
         for k in (*METRICS, "runtime_s"):
-            vals = [r[k] for r in ok if r.get(k) is not None and math.isfinite(r[k])]
+            src = k.removeprefix("video_")
+            use = [r for r in ok if r.get("video_uri")] if k.startswith("video_") else ok
+            vals = [r[src] for r in use if r.get(src) is not None and math.isfinite(r[src])]
             d[k] = float(np.mean(vals)) if vals else None
+        d["video_frames"] = sum(1 for r in ok if r.get("video_uri"))
         out.append(d)
     return out
 

@@ -59,9 +59,12 @@ class CompareResult:
         ref = self.mode == "reference"
         lp = any(r.get("lpips") is not None for r in self.rows)
         nq = not ref and any(r.get("niqe") is not None for r in self.rows)
+        vid = ref and any(r.get("video_uri") and r["status"] == "ok" for r in self.rows)
+        fl = any(r.get("flicker_tde") is not None for r in self.rows)
         head = (f"{'model':<24} {'params':>10}"
                 + (f" {'PSNR_Y':>8} {'SSIM_Y':>7} {'PSNR_RGB':>9} {'SSIM_RGB':>9}" if ref else "")
                 + (f" {'LPIPS':>7}" if lp else "") + (f" {'NIQE':>7}" if nq else "")
+                + (f" {'vPSNR_Y':>8} {'vSSIM_Y':>7}" if vid else "") + (f" {'TDE':>7}" if fl else "")
                 + f" {'s/image':>8} {'ok':>4} {'failed':>6}")  # fmt: skip
         lines = [head, "-" * len(head)]
         for s in model_summary(self.rows, self.models):
@@ -74,6 +77,10 @@ class CompareResult:
                 line += f" {_f(s.get('lpips'), 7, 4)}"
             if nq:
                 line += f" {_f(s['niqe'], 7, 3)}"
+            if vid:
+                line += f" {_f(s['video_psnr_y'], 8, 3)} {_f(s['video_ssim_y'], 7, 4)}"
+            if fl:
+                line += f" {_f(s['flicker_tde'], 7, 3)}"
             line += f" {_f(s['runtime_s'], 8, 4)} {s['images']:>4} {s['failed']:>6}"
             lines.append(line)
         inputs = {r["image"]: r["input_niqe"] for r in self.rows if r.get("input_niqe") is not None}
@@ -89,6 +96,18 @@ class CompareResult:
                  f"{self.seconds:.1f} s", self.table()]  # fmt: skip
         if self.convention:
             lines.append(f"  convention: {self.convention}")
+        vids = sorted({r["video_uri"] for r in self.rows if r.get("video_uri")})
+        if vids:
+            runs = sorted({r["flicker_frames"] for r in self.rows if r.get("flicker_frames")})
+            frames = len({r["image"] for r in self.rows if r.get("frame_index") is not None})
+            text = (f"  videos: {len(vids)}, {frames} frame(s) compared (each model's temporal window, clamped at "
+                    "the ends)")
+            if self.mode == "reference":
+                text += "; vPSNR_Y/vSSIM_Y: means over video frames"
+            if runs:
+                text += (f"; TDE: flicker (temporal-difference error of Y, lower is better) over "
+                         f"{'/'.join(map(str, runs))} consecutive middle frames per video")  # fmt: skip
+            lines.append(text)
         grey = sorted({r["image"] for r in self.rows if r.get("grey")})
         if grey:
             how = "converted to RGB (--grey-as-rgb)" if any(r.get("grey_as_rgb") for r in self.rows) else \
@@ -132,7 +151,14 @@ def _header_size(uri: str, so: dict[str, Any]) -> tuple[int, int] | None:
     import fsspec
     from PIL import Image
 
+    from srbatch.compare.video import is_video
+
     try:
+        if is_video(uri):
+            from srbatch.video import probe
+
+            info = probe(uri, so)
+            return info.width, info.height
         with fsspec.open(uri, "rb", **so) as f, Image.open(f) as im:
             return im.size
     except Exception:  # noqa: BLE001 - a broken file decides nothing; the workers report it
@@ -163,13 +189,28 @@ def choose_mode(cfg: CompareConfig, uris: list[str]) -> tuple[str, str]:
     return "real", f"auto: the images' median short side is {median} px < {need} px ({cfg.reference_min_lr} px x{cfg.scale})"
 
 
-def _plan(cfg: CompareConfig) -> list[dict[str, Any]]:
+def _plan(cfg: CompareConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(images, video URIs)``: the image items (paired with --lr when given) and the videos listed."""
+    from srbatch.compare.video import VIDEO_EXTENSIONS, is_video
     from srbatch.evaluate import pair_images
+    from srbatch.io.storage import IMAGE_EXTENSIONS
 
     so = cfg.fs_options()
-    hr = list_images(cfg.images, so)
-    pairs = pair_images(hr, list_images(cfg.lr, so) if cfg.lr else None)
-    return [{"image": key, "image_uri": h, "lr_uri": lr or ""} for key, h, lr in pairs]
+    listed = list_images(cfg.images, so, extensions=IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+    hr = [u for u in listed if not is_video(u)]
+    videos = [u for u in listed if is_video(u)]
+    pairs = pair_images(hr, list_images(cfg.lr, so) if cfg.lr else None) if hr else []
+    none = {"video_uri": "", "frame_index": -1, "flicker_frames": 0}
+    return [{"image": key, "image_uri": h, "lr_uri": lr or "", **none} for key, h, lr in pairs], videos
+
+
+def _video_items(cfg: CompareConfig, videos: list[str], mode: str) -> list[dict[str, Any]]:
+    from srbatch.compare.video import video_items
+
+    out: list[dict[str, Any]] = []
+    for uri in videos:
+        out += video_items(uri, cfg.video_frames, cfg.video_flicker_frames, mode, cfg.fs_options())
+    return out
 
 
 def _validate_models(cfg: CompareConfig) -> None:
@@ -195,8 +236,9 @@ def run_compare(cfg: CompareConfig, *, stream: TextIO | None = None) -> CompareR
     """Run the comparison described by ``cfg``; print progress and the summary to ``stream`` (stdout)."""
     stream = stream or sys.stdout
     t0 = time.perf_counter()
-    items = _plan(cfg)
-    mode, why = choose_mode(cfg, [i["image_uri"] for i in items])
+    items, videos = _plan(cfg)
+    mode, why = choose_mode(cfg, [i["image_uri"] for i in items] + videos)
+    items += _video_items(cfg, videos, mode)
     labels = model_labels(cfg.models)
     _validate_models(cfg)
     lpips_net = _lpips_net(cfg, mode)
@@ -248,6 +290,7 @@ def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[st
     for m, label in enumerate(labels):
         run_actor_pool(
             [{"image": it["image"], "image_uri": it["image_uri"], "lr_uri": it["lr_uri"],
+              "video_uri": it["video_uri"], "frame_index": it["frame_index"], "flicker_frames": it["flicker_frames"],
               "output_uri": _output_uri(cfg, m, label, it)} for it in items],  # fmt: skip
             key="image",
             actor=CompareWorker,
@@ -259,6 +302,7 @@ def _run_models(cfg: CompareConfig, items: list[dict[str, Any]], labels: list[st
                 image=it["image"], image_uri=it["image_uri"], lr_uri=it["lr_uri"] or None, model=label,
                 model_spec=cfg.models[m], scale=cfg.scale, mode=mode, status="failed", error_type=error_type,
                 error_message=message, grey_as_rgb=cfg.grey_as_rgb, noise_sigma=cfg.noise_sigma,
+                video_uri=it["video_uri"] or None, frame_index=it["frame_index"] if it["frame_index"] >= 0 else None,
             ),  # fmt: skip
             progress=cfg.progress,
             desc=f"compare {label}",
@@ -297,7 +341,14 @@ def _panel_task(cfg_dump: dict[str, Any], item: dict[str, Any], outputs: dict[st
 
     cfg = CompareConfig.model_validate(cfg_dump)
     so = cfg.fs_options()
-    lr, hr, _ = load_input(cfg, item["image_uri"], item["lr_uri"] or None, mode, item["image"])
+    if item.get("video_uri"):
+        from srbatch.compare.video import VideoFrames
+        from srbatch.io.images import DecodedImage
+
+        vf = VideoFrames(item["video_uri"], cfg.scale, mode, so)
+        lr, hr = DecodedImage(pixels=vf.lr(item["frame_index"]), mode="RGB"), vf.hr(item["frame_index"])
+    else:
+        lr, hr, _ = load_input(cfg, item["image_uri"], item["lr_uri"] or None, mode, item["image"])
 
     def write(rel: str, data: bytes) -> None:
         write_bytes(join_uri(cfg.output, rel), data, so, content_type="image/png")

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from srbatch.compare.config import CompareConfig
+from srbatch.errors import ConfigError
 from srbatch.jobkit.actor import ModelActor, error_fields
 
 __all__ = ["CompareWorker", "ROW_SCHEMA", "empty_row"]
@@ -46,6 +47,10 @@ ROW_SCHEMA = pa.schema(
         pa.field("device", pa.string()),
         pa.field("niqe", pa.float64()),
         pa.field("input_niqe", pa.float64()),
+        pa.field("video_uri", pa.string()),
+        pa.field("frame_index", pa.int64()),
+        pa.field("flicker_tde", pa.float64()),
+        pa.field("flicker_frames", pa.int32()),
     ]
 )
 """Columns of ``comparison.parquet`` (one row per image x model). Metrics are null in real mode and on failure;
@@ -55,7 +60,10 @@ mode with ``--lpips-weights`` only (lower is better; see :mod:`srbatch.metrics.l
 ``noise_sigma``: the run's options (see :class:`~srbatch.compare.config.CompareConfig`). ``niqe`` (real mode, with
 ``CompareConfig.niqe``): NIQE of the output as written (:func:`srbatch.metrics.niqe.niqe`, lower is better);
 ``input_niqe``: NIQE of the input image itself, the no-upscaling baseline (the same on every model's row); both null
-where NIQE is undefined (an image under 192x192, or flat)."""
+where NIQE is undefined (an image under 192x192, or flat). ``video_uri`` and ``frame_index``: the video and the frame
+a row compares (image ``<stem>#f<index>``; null for images; frame_index null when the video could not be probed);
+``flicker_tde`` and ``flicker_frames``: reference mode, on the first compared frame's row of each video, the
+temporal-difference error over that many consecutive middle frames (see :mod:`srbatch.compare.video`)."""
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -127,6 +135,7 @@ class CompareWorker(ModelActor):
 
             self.lpips = load_lpips(self.cfg.lpips_weights, storage_options=self.cfg.fs_options(),
                                     device=self.up.device)  # fmt: skip
+        self._videos: dict[str, Any] = {}
 
     def _one(self, image: str, image_uri: str, lr_uri: str | None, output_uri: str) -> tuple[dict[str, Any], Any]:
         from srbatch.evaluate import upscale_and_measure
@@ -159,11 +168,68 @@ class CompareWorker(ModelActor):
             row.update(error_fields(e))
             return row, None
 
+    def _one_video(self, image: str, video_uri: str, frame: int, flicker_frames: int,
+                   output_uri: str) -> tuple[dict[str, Any], Any]:  # fmt: skip
+        """One video frame: its window through ``upscale_frames``, measured against the decoded frame (reference
+        mode; uint8 output, paper convention), plus the flicker run when ``flicker_frames`` > 1."""
+        from srbatch.compare.video import VideoFrames, flicker_run
+        from srbatch.metrics.quality import measure
+
+        row = empty_row(
+            image=image, image_uri=video_uri, model=self.label, model_spec=self.spec, video_uri=video_uri,
+            frame_index=frame if frame >= 0 else None, architecture=self.desc.architecture, params=self.params,
+            scale=self.cfg.scale, mode=self.mode, status="failed", device=self.device,
+            grey_as_rgb=self.cfg.grey_as_rgb, noise_sigma=self.cfg.noise_sigma, grey=False,
+        )  # fmt: skip
+        try:
+            vf = self._videos.get(video_uri)
+            if vf is None:
+                vf = VideoFrames(video_uri, self.cfg.scale, self.mode, self.cfg.fs_options())
+                self._videos = {video_uri: vf}  # one video cached at a time
+            if frame < 0 or frame >= vf.n:
+                raise ConfigError(f"{video_uri}: frame {frame} is outside the video's {vf.n} frames")
+            r = int(self.desc.info.temporal_radius)
+            win = vf.window(frame, r)
+            row.update(input_width=int(win[0].shape[1]), input_height=int(win[0].shape[0]))
+            t0 = time.perf_counter()
+            sr = self.up.upscale_frames(win)
+            secs = time.perf_counter() - t0
+            hr = vf.hr(frame)
+            if hr is not None:
+                m = measure(sr, hr, crop_border=self.cfg.scale)
+                row.update(psnr_y=m.psnr_y, ssim_y=m.ssim_y, psnr_rgb=m.psnr_rgb, ssim_rgb=m.ssim_rgb,
+                           precision="uint8")  # fmt: skip
+                if self.lpips is not None:
+                    from srbatch.metrics.lpips import lpips_distance
+
+                    row.update(lpips=lpips_distance(self.lpips, sr, hr, crop_border=self.cfg.scale))
+                if flicker_frames > 1:
+                    from srbatch.video.evaluate import flicker
+
+                    a, b = flicker_run(vf.n, flicker_frames)
+                    srs = [self.up.upscale_frames(vf.window(t, r)) for t in range(a, b)]
+                    tde, _, _ = flicker(srs, [vf.hr(t) for t in range(a, b)], self.cfg.scale)
+                    row.update(flicker_tde=float(np.mean(tde)), flicker_frames=b - a)
+            elif self.cfg.niqe:
+                row.update(niqe=_niqe_or_none(sr), input_niqe=_niqe_or_none(vf.lr(frame)))
+            row.update(runtime_s=secs, output_width=int(sr.shape[1]), output_height=int(sr.shape[0]))
+            return row, self.pool.submit(_write_png, sr, output_uri, self.cfg.fs_options())
+        except Exception as e:  # noqa: BLE001 - one broken frame is one failed row
+            row.update(error_fields(e))
+            return row, None
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Process ``batch`` (columns ``image``, ``image_uri``, ``lr_uri``, ``output_uri``); one row per image."""
+        """Process ``batch`` (columns ``image``, ``image_uri``, ``lr_uri``, ``output_uri``, and for videos
+        ``video_uri``, ``frame_index``, ``flicker_frames``); one row per image or video frame."""
+        n = len(batch["image"])
+        vids = batch.get("video_uri", [""] * n)
+        frames = batch.get("frame_index", [-1] * n)
+        flick = batch.get("flicker_frames", [0] * n)
         done = [
+            self._one_video(str(i), str(v), int(f), int(k), str(o)) if v is not None and str(v) else
             self._one(str(i), str(u), (str(lr) or None) if lr is not None else None, str(o))
-            for i, u, lr, o in zip(batch["image"], batch["image_uri"], batch["lr_uri"], batch["output_uri"])
+            for i, u, lr, o, v, f, k in zip(batch["image"], batch["image_uri"], batch["lr_uri"], batch["output_uri"],
+                                            vids, frames, flick)  # fmt: skip
         ]
         rows = []
         for (row, fut), out_uri in zip(done, batch["output_uri"]):
