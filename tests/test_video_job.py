@@ -209,3 +209,42 @@ def test_actor_killed_mid_video_every_frame_once(ray_cluster, tmp_path):
     _assert_engine_frames(out / "clip.mkv", clip, _engine("default", 4), exact=False)
     print(f"CHAOS video: actor pid {killed} SIGKILLed after a segment was written; output {len(pts)} frames, "
           f"segments redone after the kill: {rows.video_segments_done[0]} of {rows.video_segments[0]}")
+
+
+def test_temporal_model_gets_each_frames_window_across_segments(ray_cluster, tmp_path):
+    """A temporal model (efvsr-r1: frames t-1, t, t+1) in the job: 3 segments, each reading one overlap frame on each
+    side. Every written frame equals the engine's ``upscale_frames`` on that frame's window built here from a one-pass
+    decode (clamped at the video's ends), so a segment that lost its overlap (a window clamped at a segment boundary
+    instead of the video's), a shifted window or a per-frame fallback fails; and the output is not the per-frame
+    model's (the neighbours are used)."""
+    import torch
+
+    from srbatch.inference import TilingConfig, Upscaler
+    from srbatch.models.loader import build_model, load_model, save_model
+
+    src = tmp_path / "in"
+    src.mkdir()
+    clip = make_video(src / "clip.mkv", n=30, w=64, h=48, gop=10, audio="libopus")
+    torch.manual_seed(0)
+    weights = tmp_path / "efvsr.safetensors"
+    save_model(build_model("efvsr-r1", scale=2), str(weights))
+    out = tmp_path / "out"
+    r = run_job(UpscaleConfig(input=str(src), output=str(out), model=str(weights), scale=2, progress=False,
+                              video_segment_frames=10, run_id="t1", **FFV1))  # fmt: skip
+    assert (r.ok, r.failed) == (1, 0), r.summary()
+    row = read_manifest(str(out)).to_pandas().iloc[0]
+    assert (row.video_frames, row.video_segments) == (30, 3)
+
+    up = Upscaler(load_model(str(weights), scale=2), device="cpu", tiling=TilingConfig(tile=0))
+    assert up.info.temporal_radius == 1
+    frames = decode_all(clip)
+    n = len(frames)
+    want = [up.upscale_frames([frames[max(t - 1, 0)], frames[t], frames[min(t + 1, n - 1)]]) for t in range(n)]
+    got = decode_all(out / "clip.mkv")
+    assert len(got) == n
+    for t, (g, w) in enumerate(zip(got, want)):
+        d = np.abs(g.astype(int) - w.astype(int))
+        # the actor's torch thread count: rounding-boundary samples may move by one level (tests/_expect.py)
+        assert d.max() <= 1 and (d > 0).mean() < 0.01, f"frame {t}: max diff {d.max()}, {(d > 0).mean():.4f}"
+    alone = up.upscale_frames([frames[10]] * 3)  # the frame without its neighbours (t = 10 starts segment 2)
+    assert np.abs(alone.astype(int) - got[10].astype(int)).max() > 2
