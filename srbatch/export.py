@@ -95,7 +95,7 @@ def probe_shapes(info: ArchInfo, batch: int = 1) -> list[tuple[int, int, int, in
     def up(v: int) -> int:
         return m * max(1, -(-v // m))
 
-    c = info.in_channels
+    c = info.in_channels * (2 * int(info.temporal_radius) + 1)  # a temporal model's frames, packed on channels
     return [(batch, c, up(20), up(28)), (batch, c, up(23), up(17)), (2, c, up(13), up(30))]
 
 
@@ -121,7 +121,12 @@ def onnx_metadata(desc: ModelDescriptor, opset: int) -> dict[str, str]:
         "hparams": json.dumps(desc.hparams, sort_keys=True, default=_jsonable),
         "source": desc.source or "",
         "sha256": desc.sha256 or "",
-        "input": f"input: (N, {info.in_channels}, H, W) float32 in [0, 1], colour space {info.color_space}"
+        "temporal_radius": str(int(info.temporal_radius)),
+        "input": (f"input: (N, {info.in_channels}, H, W) float32 in [0, 1], colour space {info.color_space}"
+                  if not info.temporal_radius else
+                  f"input: (N, {2 * info.temporal_radius + 1}*{info.in_channels}, H, W) float32 in [0, 1], colour "
+                  f"space {info.color_space}: frames t-{info.temporal_radius}..t+{info.temporal_radius} packed on "
+                  "channels, in time order; the output is frame t's")
         + (", bicubic-upscaled to the output size" if info.input_upsampled else ""),
         "output": f"output: (N, {info.out_channels}, {out_hw}) float32, about [0, 1], not clamped",
         "opset": str(int(opset)),

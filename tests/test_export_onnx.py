@@ -89,7 +89,8 @@ def test_every_architecture_exports_and_matches_torch_on_real_crops(arch, refs, 
     diffs = []
     for i, (n, h, w) in enumerate([(1, 27, 19), (2, 16, 34)]):  # odd, H != W, not multiples of 8; batch 2
         h, w = m * -(-h // m), m * -(-w // m)
-        x = _crop(refs, (n, desc.in_channels, h, w), desc.color_space, seed=i)
+        frames = 2 * desc.info.temporal_radius + 1  # a temporal model takes its window packed on channels
+        x = torch.cat([_crop(refs, (n, desc.in_channels, h, w), desc.color_space, seed=i + k) for k in range(frames)], 1)
         with torch.inference_mode():
             ref = desc.module(x).numpy()
         got = _ort_run(path, x)
@@ -243,6 +244,29 @@ def test_exported_file_runs_through_the_engine_like_the_torch_model(tmp_path, re
         assert np.abs(a - b).max() <= TOL
     with pytest.raises(ConfigError, match="x3 model but scale 2"):
         load_model(path, scale=2)
+
+
+def test_temporal_model_exports_its_window_and_runs_through_upscale_frames(tmp_path, refs):
+    """A temporal model (efvsr-r1: frames t-1, t, t+1) is exported with its window packed on channels, not as a
+    single frame: the ONNX model loads with temporal_radius 1, and the engine's ``upscale_frames`` through
+    onnxruntime equals it through PyTorch on a window of three different real frames, and differs from the centre
+    frame repeated (the neighbours reach the graph)."""
+    from srbatch import TilingConfig, Upscaler, load_model
+
+    desc = _build("efvsr-r1")
+    path = str(tmp_path / "efvsr.onnx")
+    export_model(desc, path)
+    onx = load_model(path, scale=2)
+    assert onx.info.temporal_radius == desc.info.temporal_radius == 1
+    names = sorted((refs / "sets/Set5/image_SRF_2").glob("*_LR.png"))
+    rgb = np.asarray(Image.open(names[1]).convert("RGB"))
+    window = [np.ascontiguousarray(rgb[y : y + 30, x : x + 26]) for y, x in ((10, 12), (11, 13), (12, 15))]
+    a = Upscaler(onx, tiling=TilingConfig(tile=0)).upscale_frames(window)
+    b = Upscaler(desc, tiling=TilingConfig(tile=0)).upscale_frames(window)
+    assert a.shape == b.shape == (60, 52, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    alone = Upscaler(onx, tiling=TilingConfig(tile=0)).upscale_frames([window[1]] * 3)
+    assert np.abs(alone.astype(int) - a.astype(int)).max() > 2
 
 
 def test_export_to_s3_and_load_back(s3_bucket):

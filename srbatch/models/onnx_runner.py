@@ -93,6 +93,7 @@ def load_onnx(
         tile_hint=json.loads(meta.get(_PREFIX + "tile_hint", "null")),
         local=json.loads(meta.get(_PREFIX + "local", "null")),
         dtypes=(torch.float32,),
+        temporal_radius=int(meta.get(_PREFIX + "temporal_radius", "0")),
     )
     if scale is not None and int(scale) != info.scale:
         raise ConfigError(
