@@ -56,7 +56,7 @@ RANDOM = {  # random-weight builds: the papers' layouts, fewer blocks so that 2 
 SIZES = [(1, 64, 48), (2, 37, 53)]
 
 
-def _crops(refs: Path | None, n: int, c: int, h: int, w: int, color_space: str) -> torch.Tensor:
+def _crops(refs: Path | None, n: int, c: int, h: int, w: int, color_space: str, shift: int = 0) -> torch.Tensor:
     if refs is None:  # no reference images: a smooth synthetic image (stated in the table's weights column)
         yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
         rgb = torch.stack([yy, xx, (yy * xx) ** 0.5])[None].expand(n, 3, h, w)
@@ -64,7 +64,7 @@ def _crops(refs: Path | None, n: int, c: int, h: int, w: int, color_space: str) 
     names = sorted((refs / "sets/Set5/image_SRF_2").glob("*_HR.png"))
     out = []
     for i in range(n):
-        rgb = np.asarray(Image.open(names[i % len(names)]).convert("RGB"), dtype=np.float32) / 255.0
+        rgb = np.asarray(Image.open(names[(i + shift) % len(names)]).convert("RGB"), dtype=np.float32) / 255.0
         t = torch.from_numpy(rgb[60 : 60 + h, 70 : 70 + w]).permute(2, 0, 1)[None]
         out.append(to_model_space(t, color_space if color_space != "L" else "Y")[:, :c])
     return torch.cat(out)
@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 diffs, ms = [], None
                 for n, h, w in SIZES:
                     h, w = m * -(-h // m), m * -(-w // m)
-                    x = _crops(refs, n, desc.in_channels, h, w, desc.color_space)
+                    frames = 2 * desc.info.temporal_radius + 1  # a temporal model: its window packed on channels
+                    x = torch.cat([_crops(refs, n, desc.in_channels, h, w, desc.color_space, shift=k)
+                                   for k in range(frames)], 1)  # fmt: skip
                     with torch.inference_mode():
                         ref = desc.module(x).numpy()
                     got = sess.run(None, {"input": x.numpy()})[0]
