@@ -21,15 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from srbatch.video import VIDEO_EXTENSIONS
+from srbatch.io.storage import VIDEO_EXTENSIONS, is_video
 
 __all__ = ["VIDEO_EXTENSIONS", "is_video", "sample_frames", "flicker_run", "frame_name", "read_span",
            "video_items", "VideoFrames"]  # fmt: skip
-
-
-def is_video(uri: str) -> bool:
-    """True when ``uri`` has a video extension (.mp4 .mkv .mov .webm)."""
-    return posixpath.splitext(uri.lower())[1] in VIDEO_EXTENSIONS
 
 
 def sample_frames(n: int, k: int) -> list[int]:

@@ -17,8 +17,16 @@ IMAGE_EXTENSIONS = frozenset(
      ".heic", ".heif"}
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "SKIP_FOLDERS", "filesystem", "join_uri", "list_files", "list_images", "read_bytes",
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".webm"})
+"""Extensions the jobs treat as videos (decoded with PyAV; see :mod:`srbatch.video`)."""
+
+__all__ = ["IMAGE_EXTENSIONS", "SKIP_FOLDERS", "VIDEO_EXTENSIONS", "is_video", "filesystem", "join_uri", "list_files", "list_images", "read_bytes",
            "write_bytes"]  # fmt: skip
+
+
+def is_video(uri: str) -> bool:
+    """True when ``uri`` has a video extension (:data:`VIDEO_EXTENSIONS`, case-insensitive)."""
+    return posixpath.splitext(uri)[1].lower() in VIDEO_EXTENSIONS
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

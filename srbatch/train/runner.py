@@ -87,11 +87,10 @@ def model_radius(cfg: TrainConfig) -> int:
 
 def _has_videos(spec: str, so: Mapping[str, Any]) -> bool:
     from srbatch.errors import SrbatchError
-    from srbatch.io.storage import list_images
-    from srbatch.train.clips import _VIDEO_EXT
+    from srbatch.io.storage import VIDEO_EXTENSIONS, list_images
 
     try:
-        return bool(list_images(spec, so, extensions=frozenset(_VIDEO_EXT)))
+        return bool(list_images(spec, so, extensions=VIDEO_EXTENSIONS))
     except SrbatchError:
         return False
 
@@ -122,10 +121,9 @@ def _plan_clips(cfg: TrainConfig, so: Mapping[str, Any], radius: int) -> dict[st
 
 def clip_length(uri: str, so: Mapping[str, Any]) -> int:
     """Frames of a clip: the video's probed frame count, or the images directly in the folder."""
-    from srbatch.io.storage import list_images
-    from srbatch.train.clips import _is_video
+    from srbatch.io.storage import is_video, list_images
 
-    if _is_video(uri):
+    if is_video(uri):
         from srbatch.video import probe
 
         return int(probe(uri, so).frames)

@@ -23,19 +23,14 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from srbatch.io.storage import join_uri
+from srbatch.io.storage import VIDEO_EXTENSIONS, is_video, join_uri
 from srbatch.upscale.config import UpscaleConfig
 
 __all__ = ["VIDEO_EXTENSIONS", "is_video", "video_container", "video_fingerprint", "segment_folder", "VideoJob",
            "probe_video", "join_video", "process_segment_item", "segment_table", "write_segment_table"]
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".webm"})
 WORK_DIR = "video"
 """Segments of a video go to ``<output>/_srbatch/video/<output key>/<video fingerprint>/<segment id><ext>``."""
-
-
-def is_video(uri: str) -> bool:
-    return posixpath.splitext(uri)[1].lower() in VIDEO_EXTENSIONS
 
 
 def video_container(src_uri: str, cfg: UpscaleConfig) -> str:

@@ -12,8 +12,7 @@ from srbatch.video.join import JoinResult, join_segments
 from srbatch.video.probe import probe
 from srbatch.video.segments import plan_segments
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".webm"})
-"""Extensions the upscale job treats as videos."""
+from srbatch.io.storage import VIDEO_EXTENSIONS
 
 __all__ = ["CODECS", "DEFAULT_CONTAINER", "VIDEO_EXTENSIONS", "Colour", "JoinResult", "Segment", "SegmentWriter",
            "StreamInfo", "VideoError", "VideoInfo", "VideoResult", "encode_segment", "join_segments", "plan_segments",
