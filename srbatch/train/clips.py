@@ -27,6 +27,8 @@ import torch
 
 from srbatch.errors import ConfigError
 from srbatch.io.images import from_float, to_float
+from srbatch.io.storage import VIDEO_EXTENSIONS, is_video
+from srbatch.train.data import SeededSampler
 
 log = logging.getLogger("srbatch.train")
 
@@ -34,13 +36,6 @@ __all__ = ["VAL_FRAMES", "ClipSampler", "ValClip", "build_val_clips", "list_clip
 
 VAL_FRAMES = 8
 """Validation uses at most this many frames from the middle of each held-out clip."""
-
-_VIDEO_EXT = (".mp4", ".mkv", ".mov", ".webm")
-
-
-def _is_video(uri: str) -> bool:
-    return posixpath.splitext(uri)[1].lower() in _VIDEO_EXT
-
 
 def list_clips(spec: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """The clips of ``spec``: its video files, else one entry per folder of frame images (the folder URI), sorted.
@@ -50,7 +45,7 @@ def list_clips(spec: str, storage_options: Mapping[str, Any] | None = None) -> l
     from srbatch.io.storage import list_images
 
     try:
-        return list_images(spec, storage_options, extensions=frozenset(_VIDEO_EXT))
+        return list_images(spec, storage_options, extensions=VIDEO_EXTENSIONS)
     except SrbatchError:
         pass
     try:
@@ -60,7 +55,7 @@ def list_clips(spec: str, storage_options: Mapping[str, Any] | None = None) -> l
     folders = sorted({posixpath.dirname(u) for u in images})
     if not folders:
         raise ConfigError(
-            f"--data {spec}: no video files ({', '.join(_VIDEO_EXT)}) and no folders of frame images found; point "
+            f"--data {spec}: no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) and no folders of frame images found; point "
             "--data at videos, or at a folder holding one sub-folder of frames (PNG/JPEG...) per clip"
         )
     return folders
@@ -69,7 +64,7 @@ def list_clips(spec: str, storage_options: Mapping[str, Any] | None = None) -> l
 def read_clip(uri: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
     """All frames of a clip as ``(F, H, W, C)`` integer pixels (videos: uint8 RGB; frame folders: as decoded, alpha
     dropped). A :class:`ConfigError` names the clip when its frames differ in size or it has none."""
-    if _is_video(uri):
+    if is_video(uri):
         from srbatch.video import plan_segments, probe, read_frames
 
         info = probe(uri, storage_options)
@@ -145,7 +140,7 @@ def degrade_window(
     return lr
 
 
-class ClipSampler:
+class ClipSampler(SeededSampler):
     """Random training windows from in-memory clips.
 
     ``sample(n)`` returns LR ``(n, T, C, crop/s, crop/s)`` (``(n, C, crop/s, crop/s)`` when ``T == 1``) and the HR
@@ -186,15 +181,6 @@ class ClipSampler:
             raise ConfigError("no training clips")
         w = [float(c.shape[2] * c.shape[3] * (c.shape[0] - self.frames + 1)) for c in self.clips]
         self.weights = torch.tensor(w, dtype=torch.float64) / sum(w)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.gen.set_state(state["gen"])
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(0, max(1, high), (1,), generator=self.gen).item())
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` augmented windows: (LR frames, HR centre frame)."""

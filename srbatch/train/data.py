@@ -89,7 +89,24 @@ def pair_lr(hr_uris: Sequence[str], lr_spec: str, storage_options: Mapping[str, 
     return {hr: lr for _key, hr, lr in pairs if lr is not None}
 
 
-class CropSampler:
+class SeededSampler:
+    """A sampler whose every draw comes from one ``torch.Generator`` (``self.gen``), kept in checkpoints so that a
+    resumed run draws new samples, not the same ones again."""
+
+    gen: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator state."""
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(0, max(1, high), (1,), generator=self.gen).item())
+
+
+class CropSampler(SeededSampler):
     """Random (LR, HR) training crops from in-memory images.
 
     ``sample(n)`` returns float32 tensors ``(n, C, crop/scale, crop/scale)`` and ``(n, C, crop, crop)`` in [0, 1].
@@ -132,16 +149,6 @@ class CropSampler:
             )
         area = torch.tensor([float(t.shape[1] * t.shape[2]) for t in self.hr], dtype=torch.float64)
         self.weights = area / area.sum()  # large images give proportionally more crops
-
-    def state_dict(self) -> dict[str, Any]:
-        """The generator state (kept in checkpoints so a resumed run draws new crops, not the same ones again)."""
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.gen.set_state(state["gen"])
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(0, max(1, high), (1,), generator=self.gen).item())
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` augmented crops: (LR, HR)."""
